@@ -10,7 +10,8 @@ all timed steps: the median is the headline number, p10-p90 the spread.
 
 - tokens/s = batch * seq / median step time
 - TFLOP/s = :func:`gorilla_jax.train.metrics.flops_per_step` / median step time
-- MFU = that / the measured peak (the best large-matmul rate seen in the run, any framework)
+- MFU = that / the measured peak (the best large-matmul rate seen in the run, any framework, in
+  the benchmark's compute dtype)
 - peak memory: each worker's peak RSS on CPU, device peak bytes on GPU/TPU
 """
 from __future__ import annotations
@@ -94,7 +95,8 @@ def compare_train(spec: TrainBenchSpec, frameworks: Sequence[str] = ("jax", "tor
     profiles = {}
     try:
         for fw in frameworks:
-            peaks[fw].append(workers[fw].call("peak", repeats=peak_repeats)["flops_per_sec"])
+            peaks[fw].append(workers[fw].call("peak", repeats=peak_repeats,
+                                              dtype=spec.precision)["flops_per_sec"])
         for r in range(rounds):
             for fw in _rotate(list(frameworks), r):
                 out = workers[fw].call("run", n=steps_per_round, untimed=1)
@@ -104,7 +106,8 @@ def compare_train(spec: TrainBenchSpec, frameworks: Sequence[str] = ("jax", "tor
                 f"{fw} {1e3 * np.median(times[fw]['wall']):.1f} ms" for fw in frameworks)
                 + f" (load {_load()[0] if _load() else '?'})")
         for fw in frameworks:
-            peaks[fw].append(workers[fw].call("peak", repeats=peak_repeats)["flops_per_sec"])
+            peaks[fw].append(workers[fw].call("peak", repeats=peak_repeats,
+                                              dtype=spec.precision)["flops_per_sec"])
         if profile_dir:
             for fw in frameworks:
                 sub = str(Path(profile_dir) / fw)
@@ -176,7 +179,8 @@ def train_table(result: dict) -> str:
         f"{result['rounds']} interleaved rounds x {result['steps_per_round']} steps, load avg "
         f"{_fmt_load(result['load_avg']['start'])} -> {_fmt_load(result['load_avg']['end'])}",
         f"FLOPs/step {result['flops_per_step'] / 1e9:.2f} G = {result['flops_formula']}; measured "
-        f"peak {result['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s (large matmul, best in run)",
+        f"peak {result['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s ({result['precision']} large matmul, "
+        f"best in run)",
         "",
         f"{'framework':<14} {'step ms':>8} {'p10-p90 ms':>15} {'cpu-s/step':>10} {'tokens/s':>9} "
         f"{'TFLOP/s':>8} {'MFU':>6} {'peak mem':>10} {'1st step s':>10} {'loss 1st/last':>15}",
@@ -317,8 +321,8 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
         for bar, n in zip(bars, names):
             r = result["frameworks"][n]
             ax.annotate(f"{r['tokens_per_sec']:.0f} tok/s\nMFU {100 * r['mfu']:.0f}%",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height() / 2),
+                        ha="center", va="center", fontsize=9, color="white")
         m = result["model"]
         ax.set_title(f"train step, {m['params'] / 1e6:.0f}M params, batch {result['batch']}x"
                      f"{result['seq']}, {result['precision']} ({result['device']})", fontsize=9)

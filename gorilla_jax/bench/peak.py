@@ -17,8 +17,8 @@ DEFAULT_N = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
 
 def _rates(seconds: list[float], flops: float) -> dict:
     ordered = sorted(seconds)
-    return {"flops_per_sec": flops / ordered[0], "median_flops_per_sec": flops / ordered[len(ordered) // 2],
-            "seconds": seconds}
+    return {"flops_per_sec": flops / ordered[0],
+            "median_flops_per_sec": flops / ordered[len(ordered) // 2], "seconds": seconds}
 
 
 def jax_matmul_peak(n: int | None = None, dtype: str = "float32", repeats: int = 5) -> dict:

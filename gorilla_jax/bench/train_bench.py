@@ -202,8 +202,12 @@ class JaxTrainRunner:
             return {"peak_bytes": int(stats["peak_bytes_in_use"]), "kind": "device"}
         return {"peak_bytes": peak_rss_bytes(), "kind": "rss"}
 
-    def profile(self, n: int, trace_dir: str, top: int = 25) -> list[tuple[str, float]]:
-        """Trace ``n`` steps with jax.profiler into ``trace_dir``; (op, ms per step) by time."""
+    def profile(self, n: int, trace_dir: str, top: int = 25) -> list[tuple[str, float, str]]:
+        """Trace ``n`` steps with jax.profiler into ``trace_dir``.
+
+        Returns the ``top`` XLA ops by time: (op, thread-ms per step, the JAX operation it came
+        from, from the compiled HLO's metadata). The optimized HLO is written beside the trace.
+        """
         import jax
 
         jax.profiler.start_trace(trace_dir)
@@ -211,7 +215,27 @@ class JaxTrainRunner:
             self.run(n)
         finally:
             jax.profiler.stop_trace()
-        return top_xla_ops(trace_dir, n, top)
+        hlo = self._step.lower(self.state, self.batches[0]).compile().as_text()
+        from pathlib import Path
+
+        (Path(trace_dir) / "train_step.hlo.txt").write_text(hlo)
+        sources = hlo_op_sources(hlo)
+        return [(name, ms, sources.get(name, "")) for name, ms in top_xla_ops(trace_dir, n, top)]
+
+
+def hlo_op_sources(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its JAX source operation (``metadata op_name``), shortened:
+    ``fwd/`` and ``bwd/`` for the model's forward and backward, ``step/`` for the rest."""
+    import re
+
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", hlo_text,
+                         re.M):
+        src = re.sub(r"^jit\([^)]*\)/", "step/", m.group(2))
+        src = src.replace("step/transpose(jvp(LlamaForCausalLM))/", "bwd/")
+        src = src.replace("step/jvp(LlamaForCausalLM)/", "fwd/")
+        out[m.group(1)] = src
+    return out
 
 
 def top_xla_ops(trace_dir: str, steps: int, top: int = 25) -> list[tuple[str, float]]:
@@ -344,8 +368,9 @@ class TorchTrainRunner:
             return {"peak_bytes": int(torch.cuda.max_memory_allocated()), "kind": "device"}
         return {"peak_bytes": peak_rss_bytes(), "kind": "rss"}
 
-    def profile(self, n: int, trace_dir: str, top: int = 25) -> list[tuple[str, float]]:
-        """torch.profiler over ``n`` steps (a Chrome trace in ``trace_dir``); (op, ms per step)."""
+    def profile(self, n: int, trace_dir: str, top: int = 25) -> list[tuple[str, float, str]]:
+        """torch.profiler over ``n`` steps (a Chrome trace in ``trace_dir``): (op, self CPU ms
+        per step, "")."""
         from pathlib import Path
 
         from torch.profiler import ProfilerActivity, profile
@@ -358,15 +383,15 @@ class TorchTrainRunner:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(trace_dir) / "torch_trace.json"))
         rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-        return [(e.key, e.self_cpu_time_total / 1e3 / max(n, 1)) for e in rows]
+        return [(e.key, e.self_cpu_time_total / 1e3 / max(n, 1), "") for e in rows]
 
 
 def flush_denormals(torch) -> None:
     """Treat subnormal floats as zero in PyTorch's CPU kernels, as XLA:CPU does.
 
-    Without it, AdamW's second-moment estimates and tiny gradients drift into subnormals within
-    a few dozen steps and PyTorch's kernels slow down 10-100x (measured: a 0.5M-parameter step
-    from 20 ms to 1.4 s). The mode is per thread and inherited by threads created later, so
+    XLA:CPU flushes subnormals to zero (``jax.jit(lambda x: x * 1.5)(float32(1e-39))`` is 0.0),
+    so this gives both sides the same arithmetic and keeps PyTorch off the slow subnormal
+    paths. The mode is per thread and inherited by threads created later, so
     this runs before anything starts PyTorch's intra-op thread pool.
     """
     torch.set_flush_denormal(True)

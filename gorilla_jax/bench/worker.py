@@ -14,7 +14,7 @@ prefixed by ``@@bench ``:
 
 - ``{"cmd": "setup"}`` -> the runner's info (compile time, first loss, ...)
 - ``{"cmd": "run", "n": K, ...}`` -> the runner's timings
-- ``{"cmd": "peak"}`` -> :func:`gorilla_jax.bench.peak.matmul_peak` of this framework
+- ``{"cmd": "peak", "dtype": D}`` -> :func:`gorilla_jax.bench.peak.matmul_peak` of this framework
 - ``{"cmd": "profile", "n": K, "trace_dir": D}`` -> [(op, ms per step)] from a profiler trace
 - ``{"cmd": "memory"}`` -> peak memory; ``{"cmd": "exit"}`` ends the process.
 
@@ -77,6 +77,7 @@ def serve(job: dict) -> int:
                 from gorilla_jax.bench.peak import matmul_peak
 
                 peak = matmul_peak("jax" if job["framework"] == "jax" else "torch",
+                                   dtype=msg.get("dtype", "float32"),
                                    repeats=int(msg.get("repeats", 3)))
                 _reply(peak)
             elif cmd == "memory":

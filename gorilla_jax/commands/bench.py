@@ -141,7 +141,8 @@ def _train(args) -> int:
     prof = result["frameworks"][args.framework].get("profile_top_ops_ms")
     if prof:
         table += f"\n\ntop ops ({args.framework}, ms per step, summed over threads; trace in " \
-                 f"{args.profile}):\n" + "\n".join(f"  {ms:9.2f}  {name}" for name, ms in prof)
+                 f"{args.profile}):\n" + "\n".join(f"  {ms:9.2f}  {name:<28} {src[-90:]}"
+                                                    for name, ms, src in prof)
     _emit(args, result, table, f"train_{args.framework}", None)
     return 0
 

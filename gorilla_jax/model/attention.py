@@ -155,7 +155,7 @@ class Attention(nn.Module):
         wo = _proj(self, "o_proj", (H, Dh, D), ("heads", "head_dim", "embed"), init)
 
         x = x.astype(dt)
-        if can_fuse(("heads", "kv_heads")):
+        if can_fuse(("heads", "kv_heads"), x.shape[0] * x.shape[1]):
             q, k, v = fused_projections(x, (wq, wk, wv), dt)
         else:
             q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dt))

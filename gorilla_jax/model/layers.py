@@ -17,8 +17,12 @@ from gorilla_jax.config import ModelConfig
 from gorilla_jax.sharding import active_mesh, logical_to_spec, with_logical_constraint
 
 # Compute projections that read the same input (q/k/v; gate/up) as one matrix product over
-# kernels concatenated at trace time. The parameters stay separate (HF names, logical axes).
+# kernels concatenated at trace time when there are at most FUSE_MAX_ROWS token rows (batch *
+# length: decoding). The parameters stay separate (HF names, logical axes). Measured on CPU:
+# decode at batch 16 +11% tokens/s; on the 19M training step (1024 rows) neutral to 3% slower
+# (the concatenation and the slices of the gradient cost about what fewer products save).
 FUSE_PROJECTIONS = True
+FUSE_MAX_ROWS = 64
 
 
 def dtype_of(name: str):
@@ -97,11 +101,11 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- MLP
 
 
-def can_fuse(names: Sequence[str]) -> bool:
-    """Whether kernels whose output axes have these logical names may be concatenated: when
-    those axes are not split over devices. Kernels split over a tensor axis would need
-    communication to concatenate; they run separately."""
-    return FUSE_PROJECTIONS and unsplit(names)
+def can_fuse(names: Sequence[str], rows: int) -> bool:
+    """Whether to concatenate kernels whose output axes have these logical names, for ``rows``
+    token rows: few rows (see FUSE_MAX_ROWS), and the axes not split over devices (kernels split
+    over a tensor axis would need communication to concatenate)."""
+    return FUSE_PROJECTIONS and rows <= FUSE_MAX_ROWS and unsplit(names)
 
 
 def unsplit(names: Sequence[str]) -> bool:
@@ -143,7 +147,7 @@ class MLP(nn.Module):
         dt = dtype_of(cfg.dtype)
         wg = _Kernel(cfg, (D, F), ("embed", "mlp"), init, name="gate_proj")()
         wu = _Kernel(cfg, (D, F), ("embed", "mlp"), init, name="up_proj")()
-        if can_fuse(("mlp",)):
+        if can_fuse(("mlp",), x.shape[0] * x.shape[1]):
             gate, up = fused_projections(x, (wg, wu), dt)
         else:
             gate = jnp.einsum("bsd,df->bsf", x.astype(dt), wg.astype(dt))

@@ -60,6 +60,11 @@ from gorilla_jax.model.layers import MLP, RMSNorm, dtype_of, normal_init, param,
 from gorilla_jax.sharding import with_logical_constraint
 
 HIDDEN_AXES = ("batch", "length", "activation_embed")
+
+# With a tied embedding and at most this many rows (decoding), the head is computed as
+# embedding @ x^T -> [V, B, S] and transposed: on XLA:CPU that product runs 9-12% faster
+# (whole decode step, SmolLM2-135M shape, batch 1 and 16) than x @ embedding^T. The transpose
+# of [V, rows] is cheap for few rows; training shapes keep the direct form.
 SMALL_HEAD_ROWS = 64
 
 
@@ -165,8 +170,8 @@ class LlamaForCausalLM(nn.Module):
             out = x
         else:
             if cfg.tie_word_embeddings and B * x.shape[1] <= SMALL_HEAD_ROWS:
-                logits = jnp.einsum("vd,bsd->bsv", embedding.astype(dt), x,
-                                    preferred_element_type=jnp.float32)
+                logits = jnp.einsum("vd,bsd->vbs", embedding.astype(dt), x,
+                                    preferred_element_type=jnp.float32).transpose(1, 2, 0)
             elif cfg.tie_word_embeddings:
                 logits = jnp.einsum("bsd,vd->bsv", x, embedding.astype(dt),
                                     preferred_element_type=jnp.float32)

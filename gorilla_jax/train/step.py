@@ -9,7 +9,7 @@ model returns its final hidden states and :func:`head_loss_sums` applies the LM 
 cross-entropy as one custom-VJP function: its forward pass also computes the gradient of the
 logits (softmax - one-hot, in one fused pass over [B, S, V]) and the two head-gradient products,
 so autodiff never materialises the logits' backward graph (measured on the 19M benchmark model
-on CPU: 21% less step time; see docs/PERFORMANCE.md). With
+on CPU: 25% less step time, 30% with the gathered target logit; docs/PERFORMANCE.md). With
 gradient accumulation (``micro_batches`` > 1) the batch is split along its first axis, the
 micro-batches' summed losses and gradients are accumulated in a ``lax.scan``, and the sums are
 divided by the total token count once, so 4 micro-batches of 2 give the same update as one
@@ -17,9 +17,8 @@ batch of 8.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import functools
+from typing import Any, Callable
 
 import flax.struct
 import jax
