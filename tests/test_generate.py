@@ -70,7 +70,8 @@ def test_cache_path_equals_full_forward(models, scan):
     got = np.concatenate([np.asarray(g) for g in got], axis=1)
     real = mask.astype(bool)
     assert int(cache["index"]) == 10 and len(cache["k"]) == cfg.num_hidden_layers
-    assert cache["k"][1].shape == (2, 16, cfg.num_key_value_heads, cfg.resolved_head_dim)
+    assert cache["k"][1].shape == (2, cfg.num_key_value_heads, 16, cfg.resolved_head_dim)
+    assert cache["v"][1].shape == (2, cfg.num_key_value_heads, cfg.resolved_head_dim, 16)
     np.testing.assert_array_equal(np.asarray(cache["mask"])[:, :10], real)
     assert not np.asarray(cache["mask"])[:, 10:].any()
     np.testing.assert_allclose(got[real], np.asarray(full)[real], atol=1e-5, rtol=0)

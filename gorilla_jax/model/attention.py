@@ -20,13 +20,20 @@ The KV-cache path (prefill and decode) always uses the ``xla`` kernel.
 
 KV cache layout (a dict pytree, updated in place inside jit when donated)::
 
-    k, v: tuple of L arrays [B, T, KV, Dh]   per-layer keys (post-rotary) / values
+    k: tuple of L arrays [B, KV, T, Dh]      per-layer keys (post-rotary)
+    v: tuple of L arrays [B, KV, Dh, T]      per-layer values, slots last
     index: int32 scalar                      the next slot written (the same for the batch)
     mask:  [B, T] bool                       slot holds a real (non-padding) token
 
 One array per layer rather than one stacked [L, ...] array: XLA (CPU at least) updates a
 separate buffer in place, while a write into a stacked buffer that is then read copies the
 whole cache on every layer (measured: 30 layers, batch 16: ~4 ms vs ~900 ms per step).
+Both attention products take the cache as their left operand in its stored order, contracting
+its last axis, per (batch, kv head): scores^T = k [T, Dh] x q^T [Dh, G*S] and out^T =
+v [Dh, T] x probs^T [T, G*S]; that is the order XLA:CPU gives these products (the cache is the
+larger operand), and the one its fast matmul path (YNNPACK) takes. With a [B, T, KV, Dh] cache
+XLA copied each layer's whole key cache on every decoded token; with both caches [B, KV, T, Dh]
+the value product fell back to a slow generic dot (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -73,6 +80,21 @@ def dot_product_attention(q, k, v, mask, dtype):
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bngst,btnd->bsngd", probs, v.astype(dtype))
+    return out.reshape(B, S, H, Dh)
+
+
+def cached_attention(q, k, v, mask, dtype):
+    """Attention over a KV cache: q [B,S,H,Dh], k [B,KV,T,Dh], v [B,KV,Dh,T] (the cache
+    layout), mask [B,S,T] bool -> [B,S,H,Dh] in ``dtype``. The same arithmetic as
+    :func:`dot_product_attention`."""
+    B, S, H, Dh = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, S, KV, H // KV, Dh)
+    scores = jnp.einsum("bsngd,bntd->bngst", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(Dh ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bngst,bndt->bsngd", probs, v.astype(dtype))
     return out.reshape(B, S, H, Dh)
 
 
@@ -136,7 +158,7 @@ def splash_attention(q, k, v, segment_ids, attention_mask, dtype):
 class Attention(nn.Module):
     """Self-attention: q/k/v projections, RoPE, GQA softmax attention, output projection.
 
-    ``cache``: None, or ``(k, v, index)``: this layer's cache arrays [B,T,KV,Dh] and the first
+    ``cache``: None, or ``(k, v, index)``: this layer's cache arrays (k [B,KV,T,Dh], v [B,KV,Dh,T]) and the first
     slot to write. Returns ``(out, (k, v))`` with the new keys/values written.
     """
 
@@ -169,18 +191,22 @@ class Attention(nn.Module):
         if cache is not None:
             k_cache, v_cache, index = cache
             zero = jnp.zeros((), jnp.int32)
-            start = (zero, index, zero, zero)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            new_cache = (k, v)
-
-        out = None
-        if cache is None and cfg.attention == "splash":
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (zero, zero, index, zero))
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, v.transpose(0, 2, 3, 1).astype(v_cache.dtype), (zero, zero, zero, index))
+            # One materialised update per cache: without the barrier XLA may fuse the update into
+            # each consumer separately (at batch 1: the loop carry and the squeezed attention
+            # operand), and then copies the whole cache to give each its own buffer.
+            k_cache, v_cache = jax.lax.optimization_barrier((k_cache, v_cache))
+            new_cache = (k_cache, v_cache)
+            out = cached_attention(q, k_cache.astype(dt), v_cache, mask, dt)
+        elif cfg.attention == "splash":
             out = splash_attention(q, k, v, segment_ids, attention_mask, dt)
-        elif cache is None and cfg.attention == "cudnn":
+        elif cfg.attention == "cudnn":
             out = cudnn_attention(q, k, v, mask, dt)
-        if out is None:
-            out = dot_product_attention(q, k.astype(dt), v, mask, dt)
+        else:
+            out = dot_product_attention(q, k, v, mask, dt)
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt))
         return y, new_cache
