@@ -195,10 +195,6 @@ class Attention(nn.Module):
                 k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (zero, zero, index, zero))
             v_cache = jax.lax.dynamic_update_slice(
                 v_cache, v.transpose(0, 2, 3, 1).astype(v_cache.dtype), (zero, zero, zero, index))
-            # One materialised update per cache: without the barrier XLA may fuse the update into
-            # each consumer separately (at batch 1: the loop carry and the squeezed attention
-            # operand), and then copies the whole cache to give each its own buffer.
-            k_cache, v_cache = jax.lax.optimization_barrier((k_cache, v_cache))
             new_cache = (k_cache, v_cache)
             out = cached_attention(q, k_cache.astype(dt), v_cache, mask, dt)
         elif cfg.attention == "splash":
