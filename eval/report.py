@@ -169,10 +169,16 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[ScoreRow], *,
         parts += [intro.strip(), ""]
     if rows:
         scores_chart(rows, out / "scores.png")
-        parts += ["## Scores", "",
-                  "AST matching against the hub's API database. *gorilla* mode reproduces "
-                  "Gorilla's published scoring (a matched API of the ground truth's domain is "
-                  "correct); *strict* mode counts only a call to the ground-truth API itself.", "",
+        modes = {r.mode for r in rows}
+        about = ["AST matching against the hub's API database."]
+        if "gorilla" in modes:
+            about.append("*gorilla* mode reproduces Gorilla's published scoring (a matched API "
+                         "of the ground truth's domain is correct).")
+        if "strict" in modes:
+            about.append("*strict* mode counts only a call to the ground-truth API itself"
+                         + ("." if "gorilla" in modes else " (the only mode for your own API "
+                            "databases: Gorilla's mode exists for the three APIBench hubs)."))
+        parts += ["## Scores", "", " ".join(about), "",
                   markdown_table(("hub", "retriever", "mode", "n", "accuracy", "hallucination",
                                   "error"),
                                  [(r.hub, r.retriever, r.mode, r.n, _pct(r.accuracy),

@@ -5,6 +5,8 @@
     model = load_eval_model("runs/tiny")                 # a run dir, checkpoint or HF directory
     run = evaluate_hub(model, "torchhub", "oracle", out_dir="eval_out")
     print(run.scores["gorilla"].accuracy, run.scores["strict"].accuracy)
+    run = evaluate_hub(model, "custom", "bm25", "eval_out", apis="my_apis.jsonl")
+    print(run.scores["strict"].accuracy)                 # a custom hub: strict mode only
 
 Prompts are built by the data pipeline's own functions (data_pipeline.prompts): the question
 text of Gorilla's question files (``question_with_documents``), wrapped in the prompt format
@@ -23,6 +25,15 @@ counted.
 The response file is Gorilla's format, one JSON object per line: ``question_id``, ``text``,
 ``answer_id``, ``model_id``, ``metadata``. Gorilla's ``ast_eval_*.py`` scripts and
 ``gorilla-jax eval score`` both read it; it is scored here in both modes (gorilla, strict).
+
+**A custom hub** (``hub="custom"``, ``apis=`` an API database, :mod:`data_pipeline.custom_hub`):
+the questions are the database's eval split of instructions (question ``q`` is its ``q``-th eval
+example, as ``gorilla-jax eval score --hub custom`` reads it), the bm25 and dense retrievers
+search the database's records, the prompts are built by the same functions, and the responses
+are scored in strict mode only (:func:`eval.score.score_custom`): Gorilla's mode exists for the
+three APIBench hubs alone, so a custom run has no gorilla score at all. The documentation-change
+and constraint evaluations read APIBench's files and matcher; :data:`CUSTOM_HUB_SKIPS` says why
+they are not run on a custom hub.
 """
 from __future__ import annotations
 
@@ -38,6 +49,23 @@ from gorilla_jax.errors import GorillaError
 
 USER_STOP = "###USER:"
 SCORE_MODES = ("gorilla", "strict")
+CUSTOM = "custom"
+CUSTOM_SCORE_MODES = ("strict",)
+# Evaluations that exist for the APIBench hubs only, and why (reported, never skipped silently).
+CUSTOM_HUB_SKIPS = {
+    "doc_change": "not run on a custom hub: the documentation-change evaluation reads the "
+                  "APIBench hub's eval files and judges which document a response followed with "
+                  "the Gorilla-mode matcher of an APIBench API database (eval.api_db), which a "
+                  "custom database (strict matching only) does not have",
+    "constraints": "not run on a custom hub: constraint questions are built from APIBench's "
+                   "`performance` fields (parameters, top-1 accuracy) and judged with the "
+                   "Gorilla-mode matcher of an APIBench API database (eval.api_db)",
+}
+
+
+def score_modes(hub: str) -> tuple:
+    """The scoring modes a hub has: both for APIBench, strict only for a custom hub."""
+    return CUSTOM_SCORE_MODES if hub == CUSTOM else SCORE_MODES
 
 
 # ----------------------------------------------------------------------------- the model
@@ -159,21 +187,48 @@ class Question:
     meta: dict = field(default_factory=dict)
 
 
-def eval_examples(hub: str, data_dir: Optional[str | os.PathLike] = None,
-                  limit: Optional[int] = None) -> list:
-    """The eval examples Gorilla's question files keep (ids are eval line numbers), first ``limit``."""
-    from data_pipeline.apibench import load_examples
+def custom_hub(apis):
+    """The :class:`~data_pipeline.custom_hub.CustomHub` of ``apis`` (a path or a hub); a
+    GorillaError when there is none."""
+    from data_pipeline.custom_hub import CustomHub, load_custom_hub
 
-    examples, _ = load_examples(hub, "eval", data_dir)
-    kept = [ex for ex in examples if ex.in_gorilla_questions]
+    if apis is None:
+        raise GorillaError("hub 'custom' needs an API database (apis=DB.jsonl, --apis, "
+                           "config key 'data.apis')")
+    return apis if isinstance(apis, CustomHub) else load_custom_hub(apis)
+
+
+def _check_apis(hub: str, apis) -> None:
+    if hub != CUSTOM and apis is not None:
+        raise GorillaError(f"an API database (apis) is only for hub 'custom', not '{hub}'")
+
+
+def eval_examples(hub: str, data_dir: Optional[str | os.PathLike] = None,
+                  limit: Optional[int] = None, *, apis=None) -> list:
+    """The eval examples, first ``limit``: for an APIBench hub those Gorilla's question files
+    keep (ids are eval line numbers); for ``custom`` the eval split of ``apis`` (ids are
+    positions in it)."""
+    _check_apis(hub, apis)
+    if hub == CUSTOM:
+        kept = custom_hub(apis).examples("eval")
+    else:
+        from data_pipeline.apibench import load_examples
+
+        examples, _ = load_examples(hub, "eval", data_dir)
+        kept = [ex for ex in examples if ex.in_gorilla_questions]
     return kept[:limit] if limit else kept
 
 
-def make_retriever_for(hub: str, mode: str, data_dir: Optional[str | os.PathLike] = None):
+def make_retriever_for(hub: str, mode: str, data_dir: Optional[str | os.PathLike] = None, *,
+                       apis=None):
+    """The retriever ``mode`` over the hub's API database (``apis`` for ``custom``)."""
     from data_pipeline.apibench import load_api_db
     from data_pipeline.retrieval import make_retriever
 
-    db = load_api_db(hub, data_dir) if mode in ("bm25", "dense") else None
+    _check_apis(hub, apis)
+    db = None
+    if mode in ("bm25", "dense"):
+        db = custom_hub(apis).db if hub == CUSTOM else load_api_db(hub, data_dir)
     return make_retriever(mode, db)
 
 
@@ -315,53 +370,80 @@ class HubRun:
     hub: str
     retriever: str
     responses_path: Path
-    scores: dict  # mode -> eval.score.ScoreResult
+    scores: dict  # mode -> eval.score.ScoreResult (strict only for a custom hub)
     generation_seconds: float
     truncated_prompts: int
     mean_new_tokens: float
+    apis: Optional[str] = None  # the API database of a custom hub
 
     @property
     def n(self) -> int:
-        return self.scores["gorilla"].n
+        return next(iter(self.scores.values())).n
 
     def summary(self) -> dict:
-        return {"hub": self.hub, "retriever": self.retriever, "n": self.n,
-                "responses": str(self.responses_path),
-                "generation_seconds": round(self.generation_seconds, 2),
-                "truncated_prompts": self.truncated_prompts,
-                "mean_new_tokens": round(self.mean_new_tokens, 1),
-                "scores": {m: r.summary() for m, r in self.scores.items()}}
+        out = {"hub": self.hub, "retriever": self.retriever, "n": self.n,
+               "responses": str(self.responses_path),
+               "generation_seconds": round(self.generation_seconds, 2),
+               "truncated_prompts": self.truncated_prompts,
+               "mean_new_tokens": round(self.mean_new_tokens, 1),
+               "scores": {m: r.summary() for m, r in self.scores.items()}}
+        if self.apis is not None:
+            out["apis"] = self.apis
+        return out
+
+
+def check_custom_eval(apis) -> Any:
+    """The custom hub of ``apis`` when it has eval questions; else a GorillaError naming the file."""
+    from data_pipeline.custom_hub import EVAL_SHARE
+
+    hub = custom_hub(apis)
+    if not hub.examples("eval"):
+        raise GorillaError(
+            f"{hub.path}: no eval questions in this API database: its instructions ('questions' "
+            f"or self-instruct 'examples') are split by a hash, about {100 * EVAL_SHARE:.0f}% "
+            "held out for evaluation, and none fell there; add instructions, e.g. with "
+            "`gorilla-jax data self-instruct`")
+    return hub
 
 
 def evaluate_hub(model: EvalModel, hub: str, retriever: str, out_dir: str | os.PathLike, *,
-                 data_dir: Optional[str | os.PathLike] = None, limit: Optional[int] = None,
-                 settings: Optional[GenerationSettings] = None, top_k: int = 1,
-                 progress: bool = True) -> HubRun:
-    """Generate answers to a hub's eval questions and score them in both modes.
+                 data_dir: Optional[str | os.PathLike] = None, apis=None,
+                 limit: Optional[int] = None, settings: Optional[GenerationSettings] = None,
+                 top_k: int = 1, progress: bool = True) -> HubRun:
+    """Generate answers to a hub's eval questions and score them: both modes for an APIBench
+    hub, strict only for ``custom`` (``apis``: the API database's path, or a CustomHub).
 
     Writes ``OUT/<hub>_<retriever>/responses.jsonl``, ``details_<mode>.jsonl`` (one verdict
     per response) and ``scores.json``.
     """
-    from eval.score import score_responses, write_details, write_jsonl_atomic
+    from eval.score import score_custom, score_responses, write_details, write_jsonl_atomic
 
     settings = (settings or GenerationSettings()).check()
-    examples = eval_examples(hub, data_dir, limit)
+    _check_apis(hub, apis)
+    custom = check_custom_eval(apis) if hub == CUSTOM else None
+    examples = eval_examples(hub, data_dir, limit, apis=custom)
     if not examples:
         raise GorillaError(f"hub '{hub}' has no eval questions in {data_dir or 'the default data'}")
-    questions = build_questions(examples, make_retriever_for(hub, retriever, data_dir),
+    questions = build_questions(examples, make_retriever_for(hub, retriever, data_dir, apis=custom),
                                 model.prompt_format, model.tokenizer, top_k)
     gen = generate_texts(model, [q.prompt for q in questions], settings, progress=progress,
                          desc=f"{hub}/{retriever}")
-    records = response_records(questions, gen.texts, model.model_id,
-                               {"hub": hub, "prompt_format": model.prompt_format})
+    meta = {"hub": hub, "prompt_format": model.prompt_format}
+    if custom is not None:
+        meta["apis"] = str(custom.path)
+    records = response_records(questions, gen.texts, model.model_id, meta)
     sub = Path(out_dir) / f"{hub}_{retriever}"
     responses_path = sub / "responses.jsonl"
     write_jsonl_atomic(responses_path, records)
     scores = {}
-    for mode in SCORE_MODES:
-        scores[mode] = score_responses(hub, records, data_dir, mode, source=str(responses_path))
+    for mode in score_modes(hub):
+        if custom is not None:
+            scores[mode] = score_custom(custom, records, mode, source=str(responses_path))
+        else:
+            scores[mode] = score_responses(hub, records, data_dir, mode, source=str(responses_path))
         write_details(scores[mode], sub / f"details_{mode}.jsonl")
     run = HubRun(hub, retriever, responses_path, scores, gen.seconds, gen.truncated_prompts,
-                 sum(gen.new_tokens) / max(len(gen.new_tokens), 1))
+                 sum(gen.new_tokens) / max(len(gen.new_tokens), 1),
+                 str(custom.path) if custom is not None else None)
     write_json_atomic(sub / "scores.json", run.summary())
     return run

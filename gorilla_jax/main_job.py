@@ -14,6 +14,14 @@ each retriever, the answers are scored by AST matching in both modes, and a repo
 score chart and the loss curve is written. With ``data.data_dir`` pointing at APIBench and
 ``data.hub`` a hub, the same job runs on the real data.
 
+**Your own APIs** (``data.hub=custom`` with ``data.apis=DB.jsonl``; ``gorilla-jax run --apis``):
+the same job on an API database (:mod:`data_pipeline.custom_hub`: an API Zoo import, a Python
+package, self-instructed pairs). It trains on the database's train split of instructions and
+answers its eval split, with retrievers over its records; the answers are scored in strict mode
+only (function name plus required arguments; Gorilla's mode exists only for the three APIBench
+hubs). The documentation-change and constraint evaluations are APIBench-only: for a custom hub
+they are skipped and the report and summary say why (``eval.runner.CUSTOM_HUB_SKIPS``).
+
 Layout of ``OUT``::
 
     run/                         the training run (config.yaml, metrics.jsonl, checkpoints/,
@@ -21,6 +29,7 @@ Layout of ``OUT``::
     eval/<hub>_<retriever>/      responses.jsonl (Gorilla format), details_*.jsonl, scores.json
     eval/<hub>_doc_change/       test-time documentation change (oracle documents edited)
     eval/<hub>_oracle_constraints/  constraint-aware questions (hubs whose database has metrics)
+    (eval/custom_<retriever>/    for data.hub=custom: responses.jsonl, details_strict.jsonl, ...)
     report.md, scores.png, loss.png, summary.json
 
 Re-running with the same ``OUT`` resumes training from the latest checkpoint (a finished run
@@ -44,14 +53,48 @@ DEFAULT_OUT = "runs/main"
 
 
 def job_config(config: str = "tiny", overrides: Sequence[str] = (), *, out_dir: str = DEFAULT_OUT,
-               data_dir: Optional[str] = None, hub: Optional[str] = None) -> Config:
-    """The job's config: the file plus overrides, with the run directory inside ``out_dir``."""
+               data_dir: Optional[str] = None, hub: Optional[str] = None,
+               apis: Optional[str] = None) -> Config:
+    """The job's config: the file plus overrides, with the run directory inside ``out_dir``.
+    ``apis``: an API database; sets ``data.hub=custom`` and ``data.apis``."""
     extra = [f"train.run_dir={Path(out_dir) / 'run'}"]
     if data_dir is not None:
         extra.append(f"data.data_dir={data_dir}")
+    if apis is not None:
+        if hub not in (None, "custom"):
+            raise GorillaError(f"--apis trains on your own API database (data.hub=custom); it "
+                               f"cannot be combined with --hub {hub}")
+        hub = "custom"
+        extra.append(f"data.apis={json.dumps(str(apis))}")  # quoted: any path stays a string
     if hub is not None:
         extra.append(f"data.hub={hub}")
     return load_config(config, [*overrides, *extra])
+
+
+def check_job_data(cfg: Config):
+    """Check ``data.hub`` (and for ``custom`` its API database) before anything is trained;
+    returns the CustomHub for ``custom``, else None."""
+    from data_pipeline.layout import HUBS
+
+    hub = cfg.data.hub
+    if hub == "custom":
+        if not cfg.data.apis:
+            raise GorillaError("config key 'data.apis' is not set: data.hub=custom trains and "
+                               "evaluates on your own API database; give it with --apis DB.jsonl "
+                               "or data.apis=PATH")
+        from data_pipeline.custom_hub import load_custom_hub
+        from eval.runner import check_custom_eval
+
+        custom = load_custom_hub(cfg.data.apis, skip_malformed=cfg.data.skip_malformed)
+        if not custom.examples("train", synthesize=cfg.data.synthesize_from_docs):
+            raise GorillaError(f"{custom.path}: no training instructions in this API database "
+                               "(no 'questions' or 'examples' in its train split); generate some "
+                               "with `gorilla-jax data self-instruct`")
+        return check_custom_eval(custom)
+    if hub not in (*HUBS, "all"):
+        raise GorillaError(f"config key 'data.hub' is {hub!r}: the main job trains and "
+                           f"evaluates on {', '.join(HUBS)}, all, or custom (with data.apis)")
+    return None
 
 
 def job_hubs(cfg: Config) -> tuple[str, ...]:
@@ -80,6 +123,7 @@ class JobResult:
     hub_runs: list = field(default_factory=list)
     doc_change: list = field(default_factory=list)
     constraints: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)  # evaluation -> why it was not run
 
     @property
     def table(self) -> str:
@@ -122,15 +166,17 @@ def run_job(cfg: Config, out_dir: str = DEFAULT_OUT, *, retrievers: Optional[Seq
 
     from eval.doc_change import run_doc_change
     from eval.report import ScoreRow, read_metrics, write_report
-    from eval.runner import GenerationSettings, evaluate_hub, load_eval_model
+    from eval.runner import CUSTOM_HUB_SKIPS, GenerationSettings, evaluate_hub, load_eval_model
     from gorilla_jax.train.data import make_data_factory, resolve_tokenizer
     from gorilla_jax.train.loop import train
 
-    from data_pipeline.layout import HUBS
-
-    if cfg.data.hub not in (*HUBS, "all"):
-        raise GorillaError(f"config key 'data.hub' is {cfg.data.hub!r}: the main job trains and "
-                           f"evaluates on {', '.join(HUBS)} or all")
+    custom = check_job_data(cfg)
+    database = None  # what the report and summary say about a custom hub's API database
+    if custom is not None:
+        database = {"path": str(custom.path), "sha256": custom.db.sha256, "apis": len(custom),
+                    "train_instructions": len(custom.examples(
+                        "train", synthesize=cfg.data.synthesize_from_docs)),
+                    "eval_instructions": len(custom.examples("eval"))}
     out = Path(out_dir)
     run_dir = Path(cfg.train.run_dir)
     _prepare_out(out, cfg, overwrite)
@@ -152,8 +198,9 @@ def run_job(cfg: Config, out_dir: str = DEFAULT_OUT, *, retrievers: Optional[Seq
     stages[name] = time.perf_counter() - t0
 
     # 2. training
+    trained_on = cfg.data.hub if custom is None else f"custom ({custom.path})"
     name = stage("train", 2, f"training {cfg.model.num_hidden_layers}x{cfg.model.hidden_size} LLaMA "
-                 f"on {cfg.data.hub} ({', '.join(f'{m}={p:g}' for m, p in cfg.data.retriever_probs.items())}"
+                 f"on {trained_on} ({', '.join(f'{m}={p:g}' for m, p in cfg.data.retriever_probs.items())}"
                  f") for {cfg.train.steps} steps of {cfg.train.global_batch_size}x{cfg.data.seq_len} "
                  f"tokens on {jax.device_count()} {jax.default_backend()} device(s) -> {run_dir}")
     t0 = time.perf_counter()
@@ -181,13 +228,18 @@ def run_job(cfg: Config, out_dir: str = DEFAULT_OUT, *, retrievers: Optional[Seq
     e = cfg.eval
     settings = GenerationSettings(e.max_new_tokens, e.batch_size, e.temperature, e.top_p, e.seed)
     eval_dir = out / "eval"
-    hub_runs = [evaluate_hub(model, hub, r, eval_dir, data_dir=cfg.data.data_dir, limit=limit,
+    hub_runs = [evaluate_hub(model, hub, r, eval_dir, data_dir=cfg.data.data_dir,
+                             apis=custom if hub == "custom" else None, limit=limit,
                              settings=settings, top_k=cfg.data.top_k, progress=progress)
                 for hub in hubs for r in retrievers]
-    rows = [ScoreRow.from_result(run.retriever, run.scores[m]) for run in hub_runs
-            for m in ("gorilla", "strict")]
-    doc, cons = [], []
-    if extras:
+    rows = [ScoreRow.from_result(run.retriever, result) for run in hub_runs
+            for result in run.scores.values()]
+    doc, cons, skipped = [], [], {}
+    if extras and custom is not None:
+        skipped = dict(CUSTOM_HUB_SKIPS)
+        for what, why in skipped.items():
+            echo(f"      {what.replace('_', ' ')}: {why}")
+    elif extras:
         from eval.constraints import run_constraints
 
         doc = [run_doc_change(model, hub, eval_dir, data_dir=cfg.data.data_dir, limit=limit,
@@ -201,27 +253,38 @@ def run_job(cfg: Config, out_dir: str = DEFAULT_OUT, *, retrievers: Optional[Seq
     # 4. report
     name = stage("report", 4, f"writing the report to {out}")
     t0 = time.perf_counter()
+    if database is not None:
+        data_text = (f"the API database `{database['path']}` ({database['apis']} APIs; "
+                     f"{database['train_instructions']} training and "
+                     f"{database['eval_instructions']} eval instructions; hub `custom`, scored in "
+                     "strict mode only)")
+    else:
+        data_text = f"`{cfg.data.data_dir or 'the embedded sample'}` hub `{cfg.data.hub}`"
     intro = (f"Model: {cfg.model.num_hidden_layers} layers x {cfg.model.hidden_size} hidden, "
              f"vocabulary {cfg.model.vocab_size}, trained {result.final_step} steps "
              f"(batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens) on "
-             f"`{cfg.data.data_dir or 'the embedded sample'}` hub `{cfg.data.hub}` with prompt "
-             f"format `{cfg.data.prompt_format}`; greedy decoding of at most "
-             f"{e.max_new_tokens} new tokens. Run directory: `{run_dir}`.")
+             f"{data_text} with prompt format `{cfg.data.prompt_format}`; greedy decoding of at "
+             f"most {e.max_new_tokens} new tokens. Run directory: `{run_dir}`.")
+    sections = [("Not evaluated", "\n".join(f"- {what.replace('_', ' ')}: {why}."
+                                             for what, why in skipped.items()))] if skipped else []
     report = write_report(out, rows, title="gorilla-jax main job", intro=intro, losses=losses,
-                          eval_losses=eval_losses, doc_change=doc, constraints=cons)
+                          eval_losses=eval_losses, doc_change=doc, constraints=cons,
+                          extra_sections=sections)
     stages[name] = time.perf_counter() - t0
     stages["total"] = time.perf_counter() - t_start
     summary = {
         "out_dir": str(out), "run_dir": str(run_dir), "hubs": list(hubs),
+        "api_database": database,
         "retrievers": list(retrievers), "train_steps": result.final_step,
         "train_status": result.status,
         "loss_first": losses[0][1] if losses else None, "loss_last": losses[-1][1] if losses else None,
         "scores": [r.to_dict() for r in rows], "runs": [run.summary() for run in hub_runs],
         "doc_change": [d.summary() for d in doc], "constraints": [c.summary() for c in cons],
-        "seconds": {k: round(v, 1) for k, v in stages.items()},
+        "skipped": skipped, "seconds": {k: round(v, 1) for k, v in stages.items()},
     }
     summary_path = out / "summary.json"
     tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     tmp.replace(summary_path)
-    return JobResult(out, run_dir, rows, losses, report, summary_path, stages, hub_runs, doc, cons)
+    return JobResult(out, run_dir, rows, losses, report, summary_path, stages, hub_runs, doc, cons,
+                     skipped)

@@ -13,11 +13,16 @@ def register(subparsers) -> None:
         "(gorilla, strict), print the table and write OUT/report.md with a chart. "
         "--doc-change edits the retrieved documents and reports how often the answer follows "
         "the new one; --constraints asks constraint-aware questions built from the API "
-        "database's performance fields.",
+        "database's performance fields (both for APIBench hubs only). --hub custom --apis "
+        "DB.jsonl answers the eval split of your own API database, scored in strict mode only.",
     )
     p.add_argument("--model", required=True, help="run directory, params checkpoint or HF directory")
     p.add_argument("--hub", required=True, nargs="+",
-                   choices=("huggingface", "tensorflowhub", "torchhub"), help="hub(s) to evaluate")
+                   choices=("huggingface", "tensorflowhub", "torchhub", "custom"),
+                   help="hub(s) to evaluate; custom: the API database of --apis")
+    p.add_argument("--apis", default=None, metavar="DB.jsonl",
+                   help="with --hub custom: your API database (default: the data.apis of a run "
+                   "directory trained on one); question q is its q-th eval instruction")
     p.add_argument("--retriever", nargs="+", default=["oracle"],
                    choices=("none", "oracle", "bm25", "dense"),
                    help="retriever(s) that supply the documents (default: oracle)")
@@ -67,16 +72,38 @@ def _mesh(spec):
     return make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
 
 
+def _custom_apis(args):
+    """The API database for --hub custom: --apis, else the data.apis of a run trained on one."""
+    from gorilla_jax.errors import GorillaError
+
+    if "custom" not in args.hub:
+        if args.apis:
+            raise GorillaError("--apis is only for --hub custom")
+        return None
+    if args.apis:
+        return args.apis
+    from gorilla_jax.run_dir import is_run_dir, read_run_config
+
+    if is_run_dir(args.model):
+        data = read_run_config(args.model).data
+        if data.hub == "custom" and data.apis:
+            return data.apis
+    raise GorillaError("--hub custom needs --apis DB.jsonl (the API database to evaluate on)")
+
+
 def evaluate(args) -> dict:
     """Run what the arguments ask; returns the summary written to OUT/summary.json."""
     from pathlib import Path
 
     from eval.report import ScoreRow, write_report
-    from eval.runner import GenerationSettings, evaluate_hub, load_eval_model, write_json_atomic
+    from eval.runner import (CUSTOM_HUB_SKIPS, GenerationSettings, check_custom_eval, evaluate_hub,
+                             load_eval_model, write_json_atomic)
     from gorilla_jax.errors import GorillaError
 
     if args.limit is not None and args.limit <= 0:
         raise GorillaError(f"--limit must be positive, got {args.limit}")
+    apis = _custom_apis(args)
+    custom = check_custom_eval(apis) if apis is not None else None
     settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.temperature,
                                   args.top_p, args.seed).check()
     model = load_eval_model(args.model, tokenizer_path=args.tokenizer,
@@ -84,34 +111,45 @@ def evaluate(args) -> dict:
                             mesh=_mesh(args.mesh), model_id=args.model_id)
     out = Path(args.out)
     progress = not args.no_progress
-    runs = [evaluate_hub(model, hub, r, out, data_dir=args.data_dir, limit=args.limit,
+    runs = [evaluate_hub(model, hub, r, out, data_dir=args.data_dir,
+                         apis=custom if hub == "custom" else None, limit=args.limit,
                          settings=settings, top_k=args.top_k, progress=progress)
             for hub in args.hub for r in args.retriever]
-    rows = [ScoreRow.from_result(run.retriever, run.scores[m]) for run in runs
-            for m in ("gorilla", "strict")]
+    rows = [ScoreRow.from_result(run.retriever, result) for run in runs
+            for result in run.scores.values()]
+    apibench_hubs = [hub for hub in args.hub if hub != "custom"]
     doc, cons = [], []
     if args.doc_change:
         from eval.doc_change import run_doc_change
 
         doc = [run_doc_change(model, hub, out, data_dir=args.data_dir, limit=args.limit,
                               settings=settings, seed=args.seed, progress=progress)
-               for hub in args.hub]
+               for hub in apibench_hubs]
     if args.constraints:
         from eval.constraints import run_constraints
 
         cons = [run_constraints(model, hub, r, out, data_dir=args.data_dir, limit=args.limit,
                                 settings=settings, top_k=args.top_k, progress=progress)
-                for hub in args.hub for r in args.retriever]
-    intro = (f"Model `{args.model}` (prompt format `{model.prompt_format}`), data "
-             f"`{args.data_dir or 'default'}`, {settings.max_new_tokens} new tokens, "
+                for hub in apibench_hubs for r in args.retriever]
+    skipped = {what: why for what, why in CUSTOM_HUB_SKIPS.items()
+               if custom is not None and getattr(args, what)}
+    data = [f"data `{args.data_dir or 'default'}`"] if apibench_hubs else []
+    if custom is not None:
+        data.append(f"API database `{custom.path}` (hub custom, strict scoring only)")
+    intro = (f"Model `{args.model}` (prompt format `{model.prompt_format}`), {', '.join(data)}, "
+             f"{settings.max_new_tokens} new tokens, "
              + ("greedy decoding." if settings.temperature == 0 else
                 f"temperature {settings.temperature}, top-p {settings.top_p}, seed {settings.seed}."))
+    sections = [("Not evaluated", "\n".join(f"- {what.replace('_', ' ')}: {why}."
+                                             for what, why in skipped.items()))] if skipped else []
     report = write_report(out, rows, title="gorilla-jax evaluation", intro=intro,
-                          doc_change=doc, constraints=[c for c in cons if c.n])
+                          doc_change=doc, constraints=[c for c in cons if c.n],
+                          extra_sections=sections)
     summary = {"model": str(args.model), "prompt_format": model.prompt_format,
+               "apis": str(custom.path) if custom is not None else None,
                "scores": [r.to_dict() for r in rows], "runs": [r.summary() for r in runs],
                "doc_change": [d.summary() for d in doc], "constraints": [c.summary() for c in cons],
-               "report": str(report)}
+               "skipped": skipped, "report": str(report)}
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -134,5 +172,7 @@ def _run(args) -> int:
     for c in (c for c in summary["constraints"] if c["n"]):
         print(f"constraints {c['hub']}/{c['retriever']}: satisfied {100 * c['rate_satisfied']:.1f}% "
               f"of {c['n']}")
+    for what, why in summary["skipped"].items():
+        print(f"{what.replace('_', ' ')}: {why}")
     print(f"report: {summary['report']}")
     return 0

@@ -5,13 +5,20 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "run",
-        help="the main job: train a model on APIBench, generate answers, score them, report",
+        help="the main job: train a model on APIBench (or your own APIs), generate answers, "
+        "score them, report",
         description="Train a tokenizer and a (tiny, by default) LLaMA on retriever-aware APIBench "
         "prompts, checkpoint it, generate answers to the held-out eval questions of each hub "
         "with each retriever it was trained with, score them by AST matching (Gorilla-compatible "
         "and strict), print the score table and write OUT/report.md with the score chart and "
-        "the loss curve. Defaults: configs/tiny.yaml on the embedded sample data. Re-running "
-        "with the same --out resumes from the run's latest checkpoint.",
+        "the loss curve. Defaults: configs/tiny.yaml on the embedded sample data. With --apis "
+        "DB.jsonl the same job runs on your own API database (JSONL of API records with "
+        "instructions: `apis import-zoo` keeps the zoo's questions, `data self-instruct "
+        "--db-out` adds generated examples): it trains on the "
+        "database's train split of instructions and answers its eval split, scored in strict "
+        "mode only; the documentation-change and constraint evaluations are APIBench-only and "
+        "the report says they were skipped. Re-running with the same --out resumes from the "
+        "run's latest checkpoint.",
     )
     p.add_argument("--config", default="tiny", help="config file or name in configs/ (default: tiny)")
     p.add_argument("--out", default="runs/main", help="output directory (default: runs/main)")
@@ -21,13 +28,18 @@ def register(subparsers) -> None:
     p.add_argument("--hub", default=None,
                    choices=("huggingface", "tensorflowhub", "torchhub", "all"),
                    help="hub(s) to train and evaluate on (default: the config's data.hub)")
+    p.add_argument("--apis", default=None, metavar="DB.jsonl",
+                   help="train and evaluate on your own API database instead of APIBench (sets "
+                   "data.hub=custom and data.apis); scored in strict mode only")
     p.add_argument("--retrievers", default=None,
                    help="comma-separated retrievers to evaluate with (default: those trained "
                    "with, plus eval.retriever), e.g. none,oracle,bm25")
     p.add_argument("--limit", type=int, default=None,
-                   help="evaluate only the first N eval questions of each hub")
+                   help="evaluate only the first N eval questions of each hub (or of the API "
+                   "database's eval split)")
     p.add_argument("--no-extras", action="store_true",
-                   help="skip the documentation-change and constraint-aware evaluations")
+                   help="skip the documentation-change and constraint-aware evaluations "
+                   "(APIBench hubs only)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an earlier job in --out first (default: resume it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -64,7 +76,7 @@ def _run(args) -> int:
             raise GorillaError(f"--retrievers: unknown retriever '{bad[0]}'; choose from "
                                f"{', '.join(MODES)}")
     cfg = job_config(args.config, args.overrides, out_dir=args.out, data_dir=args.data_dir,
-                     hub=args.hub)
+                     hub=args.hub, apis=args.apis)
     result = run_job(cfg, args.out, retrievers=retrievers, limit=args.limit,
                      extras=not args.no_extras, overwrite=args.overwrite,
                      progress=not args.no_progress)
@@ -75,6 +87,8 @@ def _run(args) -> int:
               f"{d.n} (original API {100 * d.follow_original:.1f}%, skipped {d.skipped})")
     for c in result.constraints:
         print(f"constraints {c.hub}/{c.retriever}: satisfied {100 * c.satisfied:.1f}% of {c.n}")
+    for what, why in result.skipped.items():
+        print(f"{what.replace('_', ' ')}: {why}")
     print(f"\nreport: {result.report}\nsummary: {result.summary_path}\n"
           f"wall time: {result.stage_seconds['total']:.0f}s "
           f"(train {result.stage_seconds['train']:.0f}s, evaluate {result.stage_seconds['evaluate']:.0f}s)")
