@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console command (not a call from Python): huge pages for big buffers
+        from gorilla_jax.host_memory import reexec_with_huge_pages
+
+        reexec_with_huge_pages(sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -130,6 +130,7 @@ def compare_train(spec: TrainBenchSpec, frameworks: Sequence[str] = ("jax", "tor
                       "b2": spec.b2, "eps": spec.eps, "weight_decay": spec.weight_decay,
                       "grad_clip": spec.grad_clip},
         "device": infos[frameworks[0]].get("device"), "threads": threads,
+        "glibc_tunables": _worker_tunables(),
         "rounds": rounds, "steps_per_round": steps_per_round,
         "flops_per_step": flops, "tokens_per_step": tokens,
         "flops_formula": "(6 * N_matmul + 12 * L * S * d_attn) * B * S",
@@ -177,7 +178,8 @@ def train_table(result: dict) -> str:
         f"batch {result['batch']} x {result['seq']}, {result['precision']}, AdamW",
         f"device {result['device']}, threads {result['threads'] or 'default'}, "
         f"{result['rounds']} interleaved rounds x {result['steps_per_round']} steps, load avg "
-        f"{_fmt_load(result['load_avg']['start'])} -> {_fmt_load(result['load_avg']['end'])}",
+        f"{_fmt_load(result['load_avg']['start'])} -> {_fmt_load(result['load_avg']['end'])}"
+        f"{_fmt_tunables(result)}",
         f"FLOPs/step {result['flops_per_step'] / 1e9:.2f} G = {result['flops_formula']}; measured "
         f"peak {result['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s ({result['precision']} large matmul, "
         f"best in run)",
@@ -197,6 +199,18 @@ def train_table(result: dict) -> str:
         lines.append(f"{key}: {t['ratio']:.2f}x (target {t['target']}x: "
                      f"{'met' if t['met'] else 'NOT met'})")
     return "\n".join(lines)
+
+
+def _worker_tunables() -> str:
+    """The GLIBC_TUNABLES every worker runs with (gorilla_jax.host_memory)."""
+    from gorilla_jax.host_memory import with_huge_pages
+
+    return with_huge_pages(os.environ).get("GLIBC_TUNABLES", "")
+
+
+def _fmt_tunables(result: dict) -> str:
+    t = result.get("glibc_tunables")
+    return f", every worker with GLIBC_TUNABLES={t}" if t else ""
 
 
 def _fmt_load(values) -> str:
@@ -238,7 +252,7 @@ def compare_decode(spec: DecodeBenchSpec, frameworks: Sequence[str] = ("jax", "t
                   "num_key_value_heads": m.num_key_value_heads},
         "prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens, "dtype": spec.dtype,
         "greedy": True, "device": infos[frameworks[0]].get("device"), "threads": threads,
-        "rounds": rounds, "load_avg": {"start": load_start, "end": _load()},
+        "glibc_tunables": _worker_tunables(), "rounds": rounds, "load_avg": {"start": load_start, "end": _load()},
         "frameworks": {}, "jax_over_torch": {},
     }
     for fw in frameworks:
@@ -273,7 +287,7 @@ def decode_table(result: dict) -> str:
         f"{result['dtype']}",
         f"device {result['device']}, threads {result['threads'] or 'default'}, {result['rounds']} "
         f"interleaved rounds, load avg {_fmt_load(result['load_avg']['start'])} -> "
-        f"{_fmt_load(result['load_avg']['end'])}",
+        f"{_fmt_load(result['load_avg']['end'])}{_fmt_tunables(result)}",
         "",
         f"{'framework':<10} {'batch':>5} {'call s':>8} {'p10-p90 s':>15} {'tokens/s':>9} "
         f"{'1st call s':>10} {'peak mem':>10}",

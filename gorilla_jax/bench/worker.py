@@ -112,6 +112,10 @@ class WorkerClient:
         self.framework = framework
         self._stderr = tempfile.TemporaryFile(mode="w+b")
         job = json.dumps({"kind": kind, "framework": framework, "spec": spec, "threads": threads})
+        from gorilla_jax.host_memory import with_huge_pages
+
+        # every framework's worker gets the same allocator setting (huge pages for big buffers)
+        env = with_huge_pages(os.environ if env is None else env)
         self.proc = subprocess.Popen([sys.executable, "-m", "gorilla_jax.bench.worker", job],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._stderr, text=True, env=env)
