@@ -197,12 +197,14 @@ class Attention(nn.Module):
                 v_cache, v.transpose(0, 2, 3, 1).astype(v_cache.dtype), (zero, zero, zero, index))
             new_cache = (k_cache, v_cache)
             out = cached_attention(q, k_cache.astype(dt), v_cache, mask, dt)
-        elif cfg.attention == "splash":
-            out = splash_attention(q, k, v, segment_ids, attention_mask, dt)
-        elif cfg.attention == "cudnn":
-            out = cudnn_attention(q, k, v, mask, dt)
         else:
-            out = dot_product_attention(q, k, v, mask, dt)
+            out = None
+            if cfg.attention == "splash":  # None where the kernel does not apply (see there)
+                out = splash_attention(q, k, v, segment_ids, attention_mask, dt)
+            elif cfg.attention == "cudnn":
+                out = cudnn_attention(q, k, v, mask, dt)
+            if out is None:
+                out = dot_product_attention(q, k, v, mask, dt)
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt))
         return y, new_cache
