@@ -158,8 +158,8 @@ def splash_attention(q, k, v, segment_ids, attention_mask, dtype):
 class Attention(nn.Module):
     """Self-attention: q/k/v projections, RoPE, GQA softmax attention, output projection.
 
-    ``cache``: None, or ``(k, v, index)``: this layer's cache arrays (k [B,KV,T,Dh], v [B,KV,Dh,T]) and the first
-    slot to write. Returns ``(out, (k, v))`` with the new keys/values written.
+    ``cache``: None, or ``(k, v, index)``: this layer's cache arrays (k [B,KV,T,Dh],
+    v [B,KV,Dh,T]) and the first slot to write. Returns ``(out, (k, v))`` with the new keys/values written.
     """
 
     config: ModelConfig

@@ -1,7 +1,8 @@
 """The Flax (Linen) LLaMA causal LM: decoder layers, scan/remat, KV cache, parameter helpers.
 
 CONTRACT CHANGE (vs. the original brief): the KV cache holds one array per layer,
-``cache['k']`` / ``cache['v']`` are tuples of L arrays [B, KV, T, Dh], not one stacked
+``cache['k']`` / ``cache['v']`` are tuples of L arrays (keys [B, KV, T, Dh], values
+[B, KV, Dh, T]; see model/attention.py), not one stacked
 [L, B, KV, T, Dh] array: XLA updates separate buffers in place, while writing into a stacked
 buffer that is read again copies the whole cache on every layer (30 layers, batch 16 on CPU:
 ~260 ms vs ~900 ms extra per decode step). ``index`` and ``mask`` are as specified. Extra
