@@ -69,33 +69,29 @@ def build_cache_mask(cache_mask, index, seq_len: int):
     return causal[None] & cache_mask[:, None, :]
 
 
-def dot_product_attention(q, k, v, mask, dtype):
-    """q [B,S,H,Dh], k/v [B,T,KV,Dh], mask [B|1,S,T] bool -> [B,S,H,Dh] in ``dtype``."""
+def _gqa_attention(q, k, v, mask, dtype, k_axes: str, v_axes: str):
+    """Softmax attention with grouped kv heads; ``k_axes`` / ``v_axes`` spell the key and value
+    layouts over b (batch), t (slots), n (kv heads), d (head dim) as einsum subscripts."""
     B, S, H, Dh = q.shape
-    KV = k.shape[2]
-    G = H // KV
-    qg = q.reshape(B, S, KV, G, Dh)
-    scores = jnp.einsum("bsngd,btnd->bngst", qg, k, preferred_element_type=jnp.float32)
+    KV = k.shape[k_axes.index("n")]
+    qg = q.reshape(B, S, KV, H // KV, Dh)
+    scores = jnp.einsum(f"bsngd,{k_axes}->bngst", qg, k, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(Dh ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bngst,btnd->bsngd", probs, v.astype(dtype))
+    out = jnp.einsum(f"bngst,{v_axes}->bsngd", probs, v.astype(dtype))
     return out.reshape(B, S, H, Dh)
+
+
+def dot_product_attention(q, k, v, mask, dtype):
+    """q [B,S,H,Dh], k/v [B,T,KV,Dh], mask [B|1,S,T] bool -> [B,S,H,Dh] in ``dtype``."""
+    return _gqa_attention(q, k, v, mask, dtype, "btnd", "btnd")
 
 
 def cached_attention(q, k, v, mask, dtype):
     """Attention over a KV cache: q [B,S,H,Dh], k [B,KV,T,Dh], v [B,KV,Dh,T] (the cache
-    layout), mask [B,S,T] bool -> [B,S,H,Dh] in ``dtype``. The same arithmetic as
-    :func:`dot_product_attention`."""
-    B, S, H, Dh = q.shape
-    KV = k.shape[1]
-    qg = q.reshape(B, S, KV, H // KV, Dh)
-    scores = jnp.einsum("bsngd,bntd->bngst", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(Dh ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bngst,bndt->bsngd", probs, v.astype(dtype))
-    return out.reshape(B, S, H, Dh)
+    layout), mask [B,S,T] bool -> [B,S,H,Dh] in ``dtype``."""
+    return _gqa_attention(q, k, v, mask, dtype, "bntd", "bndt")
 
 
 def cudnn_attention(q, k, v, mask, dtype):

@@ -276,20 +276,26 @@ def param_logical_axes(config: ModelConfig) -> dict:
                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+# The KV cache layout (see model/attention.py): logical axes of each layer's key / value array.
+CACHE_LAYOUT = {"k": ("batch", "kv_heads", "cache_length", "head_dim"),
+                "v": ("batch", "kv_heads", "head_dim", "cache_length")}
+
+
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
     """An empty KV cache of ``max_len`` slots (see gorilla_jax.model.attention for the layout)."""
     dt = jnp.dtype(dtype if dtype is not None else config.dtype)
-    KV, Dh, L = config.num_key_value_heads, config.resolved_head_dim, config.num_hidden_layers
-    return {"k": tuple(jnp.zeros((batch_size, KV, max_len, Dh), dt) for _ in range(L)),
-            "v": tuple(jnp.zeros((batch_size, KV, Dh, max_len), dt) for _ in range(L)),
+    sizes = {"batch": batch_size, "kv_heads": config.num_key_value_heads,
+             "cache_length": max_len, "head_dim": config.resolved_head_dim}
+    layers = range(config.num_hidden_layers)
+    return {**{kind: tuple(jnp.zeros(tuple(sizes[a] for a in axes), dt) for _ in layers)
+               for kind, axes in CACHE_LAYOUT.items()},
             "index": jnp.zeros((), jnp.int32), "mask": jnp.zeros((batch_size, max_len), bool)}
 
 
 def cache_logical_axes(config: ModelConfig) -> dict:
     """Logical axis names of the cache arrays (for sharding a generation batch)."""
     L = config.num_hidden_layers
-    return {"k": (("batch", "kv_heads", "cache_length", "head_dim"),) * L,
-            "v": (("batch", "kv_heads", "head_dim", "cache_length"),) * L,
+    return {**{kind: (axes,) * L for kind, axes in CACHE_LAYOUT.items()},
             "index": (), "mask": ("batch", "cache_length")}
 
 
