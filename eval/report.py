@@ -152,6 +152,19 @@ def read_metrics(run_dir: str | os.PathLike) -> tuple[list, list]:
 # ----------------------------------------------------------------------------- markdown
 
 
+def skipped_lines(skipped: dict) -> list:
+    """``"<evaluation>: <why>"`` for each evaluation that was not run (printed and reported)."""
+    return [f"{what.replace('_', ' ')}: {why}" for what, why in skipped.items()]
+
+
+def skipped_section(skipped: dict) -> list:
+    """The report's "Not evaluated" section, as ``write_report(extra_sections=...)`` takes it;
+    none when nothing was skipped."""
+    if not skipped:
+        return []
+    return [("Not evaluated", "\n".join(f"- {line}." for line in skipped_lines(skipped)))]
+
+
 def write_report(out_dir: str | os.PathLike, rows: Sequence[ScoreRow], *,
                  title: str = "gorilla-jax evaluation", intro: str = "",
                  losses: Sequence[tuple] = (), eval_losses: Sequence[tuple] = (),

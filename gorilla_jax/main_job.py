@@ -165,7 +165,7 @@ def run_job(cfg: Config, out_dir: str = DEFAULT_OUT, *, retrievers: Optional[Seq
     import jax
 
     from eval.doc_change import run_doc_change
-    from eval.report import ScoreRow, read_metrics, write_report
+    from eval.report import ScoreRow, read_metrics, skipped_lines, skipped_section, write_report
     from eval.runner import CUSTOM_HUB_SKIPS, GenerationSettings, evaluate_hub, load_eval_model
     from gorilla_jax.train.data import make_data_factory, resolve_tokenizer
     from gorilla_jax.train.loop import train
@@ -237,8 +237,8 @@ def run_job(cfg: Config, out_dir: str = DEFAULT_OUT, *, retrievers: Optional[Seq
     doc, cons, skipped = [], [], {}
     if extras and custom is not None:
         skipped = dict(CUSTOM_HUB_SKIPS)
-        for what, why in skipped.items():
-            echo(f"      {what.replace('_', ' ')}: {why}")
+        for line in skipped_lines(skipped):
+            echo(f"      {line}")
     elif extras:
         from eval.constraints import run_constraints
 
@@ -265,11 +265,9 @@ def run_job(cfg: Config, out_dir: str = DEFAULT_OUT, *, retrievers: Optional[Seq
              f"(batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens) on "
              f"{data_text} with prompt format `{cfg.data.prompt_format}`; greedy decoding of at "
              f"most {e.max_new_tokens} new tokens. Run directory: `{run_dir}`.")
-    sections = [("Not evaluated", "\n".join(f"- {what.replace('_', ' ')}: {why}."
-                                             for what, why in skipped.items()))] if skipped else []
     report = write_report(out, rows, title="gorilla-jax main job", intro=intro, losses=losses,
                           eval_losses=eval_losses, doc_change=doc, constraints=cons,
-                          extra_sections=sections)
+                          extra_sections=skipped_section(skipped))
     stages[name] = time.perf_counter() - t0
     stages["total"] = time.perf_counter() - t_start
     summary = {

@@ -95,7 +95,7 @@ def evaluate(args) -> dict:
     """Run what the arguments ask; returns the summary written to OUT/summary.json."""
     from pathlib import Path
 
-    from eval.report import ScoreRow, write_report
+    from eval.report import ScoreRow, skipped_section, write_report
     from eval.runner import (CUSTOM_HUB_SKIPS, GenerationSettings, check_custom_eval, evaluate_hub,
                              load_eval_model, write_json_atomic)
     from gorilla_jax.errors import GorillaError
@@ -140,11 +140,9 @@ def evaluate(args) -> dict:
              f"{settings.max_new_tokens} new tokens, "
              + ("greedy decoding." if settings.temperature == 0 else
                 f"temperature {settings.temperature}, top-p {settings.top_p}, seed {settings.seed}."))
-    sections = [("Not evaluated", "\n".join(f"- {what.replace('_', ' ')}: {why}."
-                                             for what, why in skipped.items()))] if skipped else []
     report = write_report(out, rows, title="gorilla-jax evaluation", intro=intro,
                           doc_change=doc, constraints=[c for c in cons if c.n],
-                          extra_sections=sections)
+                          extra_sections=skipped_section(skipped))
     summary = {"model": str(args.model), "prompt_format": model.prompt_format,
                "apis": str(custom.path) if custom is not None else None,
                "scores": [r.to_dict() for r in rows], "runs": [r.summary() for r in runs],
@@ -157,7 +155,7 @@ def evaluate(args) -> dict:
 def _run(args) -> int:
     import json
 
-    from eval.report import ScoreRow, score_table
+    from eval.report import ScoreRow, score_table, skipped_lines
     from gorilla_jax.commands.run import quiet_logs
 
     quiet_logs()
@@ -172,7 +170,7 @@ def _run(args) -> int:
     for c in (c for c in summary["constraints"] if c["n"]):
         print(f"constraints {c['hub']}/{c['retriever']}: satisfied {100 * c['rate_satisfied']:.1f}% "
               f"of {c['n']}")
-    for what, why in summary["skipped"].items():
-        print(f"{what.replace('_', ' ')}: {why}")
+    for line in skipped_lines(summary["skipped"]):
+        print(line)
     print(f"report: {summary['report']}")
     return 0

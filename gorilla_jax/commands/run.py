@@ -60,6 +60,7 @@ def quiet_logs() -> None:
 
 
 def _run(args) -> int:
+    from eval.report import skipped_lines
     from gorilla_jax.errors import GorillaError
     from gorilla_jax.main_job import job_config, run_job
 
@@ -87,8 +88,8 @@ def _run(args) -> int:
               f"{d.n} (original API {100 * d.follow_original:.1f}%, skipped {d.skipped})")
     for c in result.constraints:
         print(f"constraints {c.hub}/{c.retriever}: satisfied {100 * c.satisfied:.1f}% of {c.n}")
-    for what, why in result.skipped.items():
-        print(f"{what.replace('_', ' ')}: {why}")
+    for line in skipped_lines(result.skipped):
+        print(line)
     print(f"\nreport: {result.report}\nsummary: {result.summary_path}\n"
           f"wall time: {result.stage_seconds['total']:.0f}s "
           f"(train {result.stage_seconds['train']:.0f}s, evaluate {result.stage_seconds['evaluate']:.0f}s)")
