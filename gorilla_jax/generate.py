@@ -37,6 +37,7 @@ import numpy as np
 from gorilla_jax.config import ModelConfig
 from gorilla_jax.errors import GorillaError
 from gorilla_jax.model import LlamaForCausalLM, cache_logical_axes, init_cache, unstack_layers
+from gorilla_jax.model.decode_layout import decode_layout_default, to_decode_layout
 from gorilla_jax.sharding import (activate, batch_sharding, logical_to_spec, param_shardings,
                                   with_logical_constraint)
 
@@ -75,11 +76,14 @@ class Generator:
     ``mesh``: optional; parameters are placed by the sharding rules and the batch is sharded
     over the data-parallel axes (the batch bucket is rounded to a multiple of their size).
     ``max_batch``: larger prompt lists are generated in batches of at most this size.
+    ``decode_layout``: keep the projection kernels in the decode layout (a transposed, fused
+    copy; gorilla_jax/model/decode_layout.py), faster on CPU. Default: on CPU without a
+    multi-device mesh.
     """
 
     def __init__(self, params, config: ModelConfig, *, mesh=None, pad_id: int = 0,
                  cache_dtype=None, max_batch: Optional[int] = None, min_prompt_bucket: int = 16,
-                 min_new_bucket: int = 16):
+                 min_new_bucket: int = 16, decode_layout: Optional[bool] = None):
         if config.scan_layers:  # decode runs unrolled: per-layer caches update in place
             params = unstack_layers(params, config.num_hidden_layers)
             config = dataclasses.replace(config, scan_layers=False)
@@ -91,9 +95,16 @@ class Generator:
         self.min_prompt_bucket = min_prompt_bucket
         self.min_new_bucket = min_new_bucket
         self.model = LlamaForCausalLM(config)
+        if decode_layout is None:
+            decode_layout = decode_layout_default(mesh)
+        if decode_layout and mesh is not None and mesh.devices.size > 1:
+            raise GorillaError("decode_layout=True works without a mesh or with a one-device mesh "
+                               f"(the layout has no sharding rules); this mesh has "
+                               f"{mesh.devices.size} devices")
         if mesh is not None:
             params = jax.device_put(params, param_shardings(config, mesh))
-        self.params = params
+        self.decode_layout = bool(decode_layout)
+        self.params = to_decode_layout(params, config) if decode_layout else params
         self._fns: dict[tuple, tuple[Callable, Callable]] = {}
         self._data_size = 1
         if mesh is not None:

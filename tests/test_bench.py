@@ -111,9 +111,9 @@ def test_small_rows_tied_head_equals_the_direct_product(monkeypatch):
     cfg = dataclasses.replace(TINY, tie_word_embeddings=True)
     params = init_params(cfg, jax.random.PRNGKey(2))
     ids = np.array([[3, 5, 7], [2, 4, 6]])  # 6 rows: the small-rows path
-    monkeypatch.setattr(llama, "SMALL_HEAD_ROWS", 64)
+    monkeypatch.setattr(layers, "WEIGHT_MAJOR_ROWS", 64)
     small = _logits_and_grads(cfg, params, ids)[0]
-    monkeypatch.setattr(llama, "SMALL_HEAD_ROWS", 0)
+    monkeypatch.setattr(layers, "WEIGHT_MAJOR_ROWS", 0)
     direct = _logits_and_grads(cfg, params, ids)[0]
     np.testing.assert_allclose(small, direct, atol=1e-5)
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from gorilla_jax.config import ModelConfig
 from gorilla_jax.model.layers import (apply_rope, can_fuse, dtype_of, fused_projections, normal_init,
-                                     param)
+                                     param, project_out_in)
 from gorilla_jax.sharding import active_mesh, logical_to_spec, with_logical_constraint
 
 # A large finite negative: exp() underflows to exactly 0 without the NaNs of -inf on empty rows.
@@ -167,18 +167,24 @@ class Attention(nn.Module):
                         cfg.resolved_head_dim)
         dt = dtype_of(cfg.dtype)
         init = normal_init(cfg)
-        wq = _proj(self, "q_proj", (D, H, Dh), ("embed", "heads", "head_dim"), init)
-        wk = _proj(self, "k_proj", (D, KV, Dh), ("embed", "kv_heads", "head_dim"), init)
-        wv = _proj(self, "v_proj", (D, KV, Dh), ("embed", "kv_heads", "head_dim"), init)
-        wo = _proj(self, "o_proj", (H, Dh, D), ("heads", "head_dim", "embed"), init)
-
         x = x.astype(dt)
-        if can_fuse(("heads", "kv_heads"), x.shape[0] * x.shape[1]):
-            q, k, v = fused_projections(x, (wq, wk, wv), dt)
+        B, S = x.shape[:2]
+        out_in = self.has_variable("params", "qkv_t")  # the decode layout (model/decode_layout.py)
+        if out_in:
+            qkv = project_out_in(x, self.get_variable("params", "qkv_t"), dt)
+            q, k, v = jnp.split(qkv, (H * Dh, (H + KV) * Dh), axis=-1)
+            q, k, v = (q.reshape(B, S, H, Dh), k.reshape(B, S, KV, Dh), v.reshape(B, S, KV, Dh))
         else:
-            q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dt))
-            k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt))
-            v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt))
+            wq = _proj(self, "q_proj", (D, H, Dh), ("embed", "heads", "head_dim"), init)
+            wk = _proj(self, "k_proj", (D, KV, Dh), ("embed", "kv_heads", "head_dim"), init)
+            wv = _proj(self, "v_proj", (D, KV, Dh), ("embed", "kv_heads", "head_dim"), init)
+            wo = _proj(self, "o_proj", (H, Dh, D), ("heads", "head_dim", "embed"), init)
+            if can_fuse(("heads", "kv_heads"), B * S):
+                q, k, v = fused_projections(x, (wq, wk, wv), dt)
+            else:
+                q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dt))
+                k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt))
+                v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt))
         q = with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -202,7 +208,10 @@ class Attention(nn.Module):
             if out is None:
                 out = dot_product_attention(q, k, v, mask, dt)
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        y = jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt))
+        if out_in:
+            y = project_out_in(out.reshape(B, S, H * Dh), self.get_variable("params", "o_t"), dt)
+        else:
+            y = jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt))
         return y, new_cache
 
 

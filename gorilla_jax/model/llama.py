@@ -57,17 +57,11 @@ import numpy as np
 
 from gorilla_jax.config import ModelConfig
 from gorilla_jax.model.attention import Attention, build_cache_mask, build_mask
-from gorilla_jax.model.layers import MLP, RMSNorm, dtype_of, normal_init, param, rope_cos_sin
+from gorilla_jax.model.layers import (MLP, RMSNorm, dtype_of, normal_init, param, project_out_in,
+                                     rope_cos_sin)
 from gorilla_jax.sharding import with_logical_constraint
 
 HIDDEN_AXES = ("batch", "length", "activation_embed")
-
-# With a tied embedding and at most this many rows (decoding), the head is computed as
-# embedding @ x^T -> [V, B, S] and transposed: on XLA:CPU that product runs 9-12% faster
-# (whole decode step, SmolLM2-135M shape, batch 1 and 16) than x @ embedding^T. The transpose
-# of [V, rows] is cheap for few rows; training shapes keep the direct form.
-SMALL_HEAD_ROWS = 64
-
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
@@ -170,12 +164,11 @@ class LlamaForCausalLM(nn.Module):
         if return_hidden:
             out = x
         else:
-            if cfg.tie_word_embeddings and B * x.shape[1] <= SMALL_HEAD_ROWS:
-                logits = jnp.einsum("vd,bsd->vbs", embedding.astype(dt), x,
-                                    preferred_element_type=jnp.float32).transpose(1, 2, 0)
-            elif cfg.tie_word_embeddings:
-                logits = jnp.einsum("bsd,vd->bsv", x, embedding.astype(dt),
-                                    preferred_element_type=jnp.float32)
+            if cfg.tie_word_embeddings:  # the embedding is [V, D]: an [out, in] kernel
+                logits = project_out_in(x, embedding, dt, jnp.float32)
+            elif self.has_variable("params", "lm_head_t"):  # the decode layout
+                logits = project_out_in(x, self.get_variable("params", "lm_head_t"), dt,
+                                        jnp.float32)
             else:
                 kernel = _LMHead(cfg, name="lm_head")()
                 logits = jnp.einsum("bsd,dv->bsv", x, kernel.astype(dt),
