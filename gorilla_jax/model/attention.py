@@ -156,6 +156,8 @@ class Attention(nn.Module):
 
     ``cache``: None, or ``(k, v, index)``: this layer's cache arrays (k [B,KV,T,Dh],
     v [B,KV,Dh,T]) and the first slot to write. Returns ``(out, (k, v))`` with the new keys/values written.
+    Params: q/k/v/o_proj kernels, or in the decode layout ``qkv_t`` and ``o_t``
+    (model/decode_layout.py).
     """
 
     config: ModelConfig

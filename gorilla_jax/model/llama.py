@@ -44,6 +44,9 @@ Param tree (unscanned; with ``scan_layers`` the ``layers_i`` subtrees are stacke
     self_attn/{q_proj [D,H,Dh], k_proj [D,KV,Dh], v_proj [D,KV,Dh], o_proj [H,Dh,D]}/kernel,
     post_attention_layernorm/scale [D], mlp/{gate_proj [D,F], up_proj [D,F], down_proj [F,D]}/kernel};
     norm/scale [D]; lm_head/kernel [D,V] (absent with tie_word_embeddings)
+
+The model also runs on the *decode layout* of that tree (model/decode_layout.py: projection
+kernels transposed to [out, in] and fused), which generation uses on CPU.
 """
 from __future__ import annotations
 
