@@ -38,6 +38,13 @@ from gorilla_jax.errors import GorillaError
 MARKER = "gorilla_jax.json"
 CONFIG_FILE = "model_config.yaml"
 PARAMS_DIR = "params"
+
+
+def orbax_path(path) -> Any:
+    """``path`` as Orbax takes it: local paths made absolute (Orbax rejects relative ones),
+    URLs such as ``gs://bucket/run`` unchanged (as strings)."""
+    text = str(path)
+    return text if "://" in text else Path(os.path.abspath(text))
 FORMAT = "gorilla-jax-params"
 VERSION = 1
 
@@ -116,7 +123,7 @@ def write_params_dir(directory: Path, params: Any, config: ModelConfig,
                                           use_compression=False)
     ckptr = ocp.Checkpointer(handler)
     try:
-        ckptr.save(directory / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        ckptr.save(orbax_path(directory / PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     finally:
         ckptr.close()
     stored = dataclasses.replace(config, scan_layers=False)
@@ -158,7 +165,7 @@ def load_params(path: str | os.PathLike, config: Optional[ModelConfig] = None, *
         cfg = dataclasses.replace(cfg, param_dtype=dtype)
     ckptr = ocp.StandardCheckpointer()
     try:
-        meta = ckptr.metadata(path / PARAMS_DIR).item_metadata.tree
+        meta = ckptr.metadata(orbax_path(path / PARAMS_DIR)).item_metadata.tree
         target_dtype = np.dtype(cfg.param_dtype) if dtype is not None else None
         if isinstance(shardings, jax.sharding.Sharding):
             shardings = jax.tree.map(lambda _: shardings, meta)
@@ -174,7 +181,7 @@ def load_params(path: str | os.PathLike, config: Optional[ModelConfig] = None, *
                     meta, shardings)
             except ValueError as e:
                 raise GorillaError(f"{path}: shardings do not match the stored param tree: {e}") from None
-        params = ckptr.restore(path / PARAMS_DIR, target)
+        params = ckptr.restore(orbax_path(path / PARAMS_DIR), target)
     finally:
         ckptr.close()
     want_scan = cfg.scan_layers if scan_layers is None else scan_layers

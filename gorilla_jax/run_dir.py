@@ -61,6 +61,7 @@ def load_run_params(path: str | os.PathLike, step: Optional[int] = None, *,
     import numpy as np
     import orbax.checkpoint as ocp
 
+    from gorilla_jax.checkpoint import orbax_path
     from gorilla_jax.model import stack_layers, unstack_layers
 
     p = Path(path)
@@ -72,7 +73,7 @@ def load_run_params(path: str | os.PathLike, step: Optional[int] = None, *,
         step = steps[-1]
     elif step not in steps:
         raise GorillaError(f"{p}: no checkpoint of step {step}; complete steps: {steps}")
-    state_dir = p / CHECKPOINTS / str(step) / "state"
+    state_dir = orbax_path(p / CHECKPOINTS / str(step) / "state")
     model_cfg = cfg.model
     stored_scanned = model_cfg.scan_layers
     ckptr = ocp.PyTreeCheckpointer()

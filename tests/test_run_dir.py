@@ -79,3 +79,24 @@ def test_runs_without_checkpoints_or_tokenizer(tmp_path):
         load_model(tmp_path / "run")
     with pytest.raises(GorillaError, match="not a training run directory"):
         load_run_params(tmp_path)
+
+
+def test_relative_paths_save_and_load(tmp_path, monkeypatch):
+    """Orbax rejects relative paths; runs and params checkpoints named relative to the working
+    directory (`gorilla-jax run` writes runs/main) are made absolute for it."""
+    from gorilla_jax.checkpoint import load_params, orbax_path, save_params
+
+    monkeypatch.chdir(tmp_path)
+    _, plain = make_run(tmp_path / "rel", scan=False, steps=(4,))
+    config, params = load_run_params("rel")
+    np.testing.assert_array_equal(params["norm"]["scale"], plain[4]["norm"]["scale"])
+    ckpt = RunCheckpointer("rel2", keep=1, async_save=False)
+    ckpt.save(1, {"params": plain[4]}, {"step": 1}, {}, force=True)
+    ckpt.close()
+    assert (tmp_path / "rel2" / "checkpoints" / "1").is_dir()
+    save_params("params_out", plain[4], config)
+    _, loaded = load_params("params_out")
+    np.testing.assert_array_equal(loaded["layers_1"]["mlp"]["down_proj"]["kernel"],
+                                  plain[4]["layers_1"]["mlp"]["down_proj"]["kernel"])
+    assert orbax_path("gs://bucket/run") == "gs://bucket/run"
+    assert orbax_path("a/b") == tmp_path / "a" / "b"

@@ -20,6 +20,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from gorilla_jax.checkpoint import orbax_path
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def _join(root: str, name: str) -> str:
 
 class RunCheckpointer:
     def __init__(self, run_dir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = _join(str(run_dir), "checkpoints")
+        self.directory = str(orbax_path(_join(str(run_dir), "checkpoints")))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
