@@ -18,7 +18,7 @@ through :func:`gorilla_jax.model.layers.project_out_in`): for at most ``WEIGHT_M
 token rows every product is computed weight-major (``w @ x^T``), which XLA:CPU runs without
 repacking the weight on every call; longer inputs (the prompt) use ``x @ w^T``, as fast as
 the [in, out] form. Measured on the SmolLM2-135M shape, fp32, 2 threads: decode at batch 16
-+15-20% tokens/s, batch 1 unchanged (docs/PERFORMANCE.md).
++15-25% tokens/s, batch 1 unchanged (docs/PERFORMANCE.md).
 
 The tree is a copy: holding it beside the training parameters costs the projection kernels'
 memory once more. :class:`gorilla_jax.generate.Generator` uses it on CPU without a multi-device
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from gorilla_jax.config import ModelConfig
+
 
 def decode_layout_default(mesh=None) -> bool:
     """Whether generation uses the decode layout by default: on CPU, with no mesh or a mesh of
