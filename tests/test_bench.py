@@ -60,6 +60,31 @@ def test_head_loss_sums_equals_autodiff_of_the_plain_loss(vocab_major):
     np.testing.assert_allclose(float(jax.jit(fused)(hidden, head)[0]), float(want), rtol=1e-6)
 
 
+def test_head_loss_sums_with_logits_far_above_the_target():
+    # logits spread over thousands: exp(logit - target logit) overflows in float32, so the
+    # target-shifted log-sum-exp must give way to the max-shifted one (no inf, no NaN)
+    rng = np.random.default_rng(1)
+    B, S, D, V = 2, 4, 8, 11
+    hidden = jnp.asarray(rng.normal(size=(B, S, D)) * 30.0, jnp.float32)
+    head = jnp.asarray(rng.normal(size=(D, V)) * 30.0, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+    mask = jnp.ones((B, S), jnp.int32)
+    logits = np.einsum("bsd,dv->bsv", np.asarray(hidden, np.float64), np.asarray(head, np.float64))
+    spread = logits.max(-1) - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
+    assert spread.max() > 500
+    lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+    want_ce = float(spread.sum() + (lse - logits.max(-1)).sum())
+    (got, (ce, _)), grads = jax.jit(jax.value_and_grad(
+        lambda h, w: head_loss_sums(h, w, targets, mask), (0, 1), has_aux=True))(hidden, head)
+    np.testing.assert_allclose(float(ce), want_ce, rtol=1e-5)
+    probs = np.exp(logits - lse[..., None])
+    d_logits = probs - np.eye(V)[np.asarray(targets)]
+    np.testing.assert_allclose(np.asarray(grads[1]),
+                               np.einsum("bsd,bsv->dv", np.asarray(hidden, np.float64), d_logits),
+                               rtol=1e-4, atol=1e-3)
+    assert np.isfinite(np.asarray(grads[0])).all()
+
+
 def test_lm_head_picks_the_kernel_or_the_tied_embedding():
     untied = init_params(TINY, jax.random.PRNGKey(0))
     w, vocab_major = lm_head(untied, jnp.float32)
