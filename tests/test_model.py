@@ -312,3 +312,28 @@ def test_init_params_statistics(one_stream):
     again = init_params(cfg, jax.random.PRNGKey(0), one_stream=one_stream)
     np.testing.assert_array_equal(np.asarray(again["lm_head"]["kernel"], np.float32),
                                   np.asarray(params["lm_head"]["kernel"], np.float32))
+
+
+def test_grouped_attention_backward_equals_autodiff_of_the_einsum_form():
+    # dot_product_attention has a hand-written backward; autodiff of the cache path's einsum
+    # form (_gqa_attention) is the reference, with packing and a fully masked (padding) row
+    from gorilla_jax.model import attention as A
+    rng = np.random.default_rng(1)
+    B, S, H, KV, Dh = 2, 12, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+               for shape in ((B, S, H, Dh), (B, S, KV, Dh), (B, S, KV, Dh)))
+    seg = np.ones((B, S), np.int32)
+    seg[1, S // 2:] = 2
+    pad = np.ones((B, S), np.int32)
+    pad[0, :3] = 0
+    mask = A.build_mask(S, jnp.asarray(seg), jnp.asarray(pad))
+    w = jnp.asarray(rng.standard_normal((B, S, H, Dh)), jnp.float32)
+    new = jax.jit(jax.value_and_grad(
+        lambda *a: jnp.sum(A.dot_product_attention(*a, mask, jnp.float32) * w), (0, 1, 2)))
+    ref = jax.value_and_grad(
+        lambda *a: jnp.sum(A._gqa_attention(*a, mask, jnp.float32, "btnd", "btnd") * w), (0, 1, 2))
+    (got, got_g), (want, want_g) = new(q, k, v), ref(q, k, v)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for g_, w_ in zip(got_g, want_g):
+        np.testing.assert_allclose(np.asarray(g_), np.asarray(w_), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(want_g[0]).max()) > 0.1
