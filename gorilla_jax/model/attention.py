@@ -119,8 +119,7 @@ def _grouped_probs(qh, kh, mask, scale):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _grouped_core(qh, kh, vh, mask, scale: float):
     """softmax(mask(qh kh^T * scale)) vh: qh [B,KV,G*S,Dh], kh/vh [B,KV,T,Dh], mask [B|1,S,T]."""
-    probs = _grouped_probs(qh, kh, mask, scale)
-    return jnp.einsum("bnmt,bntd->bnmd", probs.astype(vh.dtype), vh)
+    return _grouped_core_fwd(qh, kh, vh, mask, scale)[0]
 
 
 def _grouped_core_fwd(qh, kh, vh, mask, scale):
