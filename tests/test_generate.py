@@ -108,8 +108,36 @@ def test_batched_equals_one_by_one_and_compiles_once_per_bucket(models):
     gen.generate([[1, 9, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]], 16)
     assert sorted(gen.compiled_shapes) == [(1, 16, 16, "greedy"), (1, 16, 32, "greedy"),
                                            (4, 16, 32, "greedy")]
-    prefill, decode = gen._fns[(1, 16, 16, "greedy")]
+    prefill, decode, _ = gen._fns[(1, 16, 16, "greedy")]
     assert prefill._cache_size() == 1 and decode._cache_size() == 1
+
+
+@pytest.mark.parametrize("windows", [2, 4])
+def test_growing_cache_generates_what_the_full_cache_does(models, windows):
+    """The cache grown in windows (one decode compile per size) decodes the same tokens as the
+    whole cache allocated up front: greedy, sampled, with EOS and with stop-string chunks that
+    do not line up with the windows."""
+    params, _, _ = models
+    full = Generator(params, CFG, pad_id=0, cache_windows=1)
+    grown = Generator(params, CFG, pad_id=0, cache_windows=windows)
+    assert full._window(64) == 64 and grown._window(64) == 64 // windows
+    assert grown._window(16) == 16  # windows are whole multiples of 16 slots
+    greedy = full.generate(PROMPTS, 40)
+    assert grown.generate(PROMPTS, 40) == greedy
+    _, decode, _ = grown._fns[(4, 16, 64, "greedy")]
+    assert decode._cache_size() == min(windows, 3)  # 40 tokens need 3 of 4 windows of 16
+    sampled = full.generate(PROMPTS, 40, temperature=0.9, top_p=0.95, seed=11)
+    assert grown.generate(PROMPTS, 40, temperature=0.9, top_p=0.95, seed=11) == sampled
+    assert sampled != greedy
+    eos = greedy[0][20]
+    assert grown.generate(PROMPTS, 40, eos_ids=[eos]) == full.generate(PROMPTS, 40, eos_ids=[eos])
+    decode_fn = lambda toks: " ".join(f"t{t}" for t in toks)  # noqa: E731
+    stop = f"t{greedy[2][25]}"
+    kw = dict(stop_strings=[stop], decode_fn=decode_fn, stop_check_every=7)
+    cut = full.generate(PROMPTS, 40, **kw)
+    assert grown.generate(PROMPTS, 40, **kw) == cut and len(cut[2]) <= 26
+    with pytest.raises(GorillaError, match="cache_windows must be >= 1"):
+        Generator(params, CFG, cache_windows=0)
 
 
 def test_stops_at_eos_per_sequence(models):
@@ -164,6 +192,9 @@ def test_sharded_generation_matches_single_device(models):
     out = sharded.generate(PROMPTS, 10)
     assert out == gen.generate(PROMPTS, 10)
     assert sharded.compiled_shapes == [(4, 16, 16, "greedy")]  # batch a multiple of data*fsdp
+    # the cache grown under the mesh (re-constrained to its shardings) decodes the same tokens
+    grown = Generator(params, CFG, pad_id=0, mesh=mesh, cache_windows=2)
+    assert grown.generate(PROMPTS, 30) == gen.generate(PROMPTS, 30)
 
 
 def test_bad_inputs_and_helpers(models):
