@@ -135,6 +135,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     profile_steps: list = field(default_factory=list)  # e.g. [5, 8]: trace steps 5..8
+    # read each step's metrics only after the next step is dispatched (the host's batch work
+    # overlaps the device's); null: on, except on CPU, where host and "device" share the cores
+    async_metrics: Optional[bool] = None
     tensorboard: bool = True
 
 

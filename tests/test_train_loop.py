@@ -216,3 +216,40 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, tok_dir):
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [l for _, l in one.losses], rtol=2e-5)
     assert RunCheckpointer(run).all_steps() == [6]
+
+
+def test_metrics_are_read_one_step_late_and_nan_still_stops_before_a_save(tmp_path, tok_dir,
+                                                                          monkeypatch):
+    """Step k's metrics are fetched after step k+1's batch is built and dispatched (the host
+    does not wait for the device), except at checkpoint steps, read before saving: a NaN loss
+    between checkpoints still stops the run with only good checkpoints on disk."""
+    import gorilla_jax.train.loop as loop_mod
+    from gorilla_jax.train import metrics as metrics_lib
+
+    events = []
+    build = loop_mod.global_batch
+    monkeypatch.setattr(loop_mod, "global_batch",
+                        lambda *a, **k: (events.append("batch"), build(*a, **k))[1])
+    write = metrics_lib.MetricWriter.write
+    monkeypatch.setattr(metrics_lib.MetricWriter, "write",
+                        lambda self, step, row: (events.append(step), write(self, step, row))[1])
+    run = tmp_path / "late"
+    _train(_cfg(run, tok_dir, "train.steps=6", "train.checkpoint_every=3",
+                "train.async_checkpoint=false", "train.async_metrics=true"))
+    assert events == ["batch", "batch", 1, "batch", 2, 3, "batch", "batch", 4, "batch", 5, 6]
+    assert len(_losses(run)) == 6
+    events.clear()  # the CPU default reads every step's metrics before building the next batch
+    _train(_cfg(tmp_path / "sync", tok_dir, "train.steps=3", "train.async_metrics=false"))
+    assert events == ["batch", 1, "batch", 2, "batch", 3]
+
+    run = tmp_path / "nan_late"
+    cfg = _cfg(run, tok_dir, "train.steps=12", "train.checkpoint_every=3", "optimizer.learning_rate=1e30",
+               "optimizer.warmup_steps=0", "optimizer.grad_clip=0", "train.async_checkpoint=false",
+               "train.async_metrics=true")
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step (\d+); stopping") as e:
+        _train(cfg)
+    bad_step = int(str(e.value).split(" at step ")[1].split(";")[0])
+    assert bad_step > 1
+    good = [s for s in range(3, 13, 3) if s < bad_step]
+    assert RunCheckpointer(run).all_steps() == good
+    assert sorted(_losses(run)) == list(range(1, bad_step))

@@ -6,6 +6,14 @@ optimizer state, step, RNG and the data pipeline's position, so the batches are 
 uninterrupted run would have seen. SIGTERM (what a TPU preemption sends) saves a checkpoint at
 the next step boundary and returns; a non-finite loss stops the run before anything is saved,
 so the last checkpoint stays the last good one.
+
+With ``train.async_metrics`` (the default except on CPU) the host does not wait for a step
+before dispatching the next: each step's metrics are read after the following step has been
+dispatched, so the next batch's host work and transfer overlap the device's compute. Steps
+that evaluate, save or stop are read at once, before anything else happens. On CPU the host
+and the "device" share the same cores, and the overlap only made them compete (150 steps of
+a small model: 12.9-21.4 s against 11.5-15.4 s). Logged tokens/s and MFU use the time
+between the arrivals of consecutive steps' metrics.
 """
 from __future__ import annotations
 
@@ -207,6 +215,33 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     profiling = False
     step = start
+    clock = [time.perf_counter()]  # when the last step's metrics arrived
+
+    def record(done_step: int, m) -> None:
+        """Fetch one step's metrics (blocks until that step is done), check and log them."""
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, clock[0] = now - clock[0], now
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss} at step {done_step}; stopping. The last good checkpoint is "
+                f"step {ckpt.latest_step()} in {ckpt.directory}")
+        result.losses.append((done_step, loss))
+        if done_step % t.log_every == 0 or done_step == t.steps:
+            row = {"loss": loss, "grad_norm": float(m["grad_norm"]),
+                   "learning_rate": float(m["learning_rate"]),
+                   "tokens_per_sec": tokens_per_step / dt,
+                   "tflops_per_device": flops / dt / jax.device_count() / 1e12}
+            if peak:
+                row["mfu"] = flops / dt / jax.device_count() / peak
+            writer.write(done_step, row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+
+    read_late = t.async_metrics if t.async_metrics is not None else jax.default_backend() != "cpu"
+    pending = None  # (step, metrics still on the device) of the step dispatched last
     try:
         with _Preemption() as preempt, sharding.activate(mesh):
             while step < t.steps:
@@ -214,44 +249,40 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
                     jax.profiler.start_trace(t.run_dir.rstrip("/") + "/profile")
                     profiling = True
                 batch = global_batch(next(data), batch_sh, t.global_batch_size)
-                t0 = time.perf_counter()
-                state, m = jit_step(state, batch)
-                m = jax.device_get(m)
-                dt = time.perf_counter() - t0
+                state, m = jit_step(state, batch)  # dispatched; runs while the host goes on
                 step += 1
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss} at step {step}; stopping. The last good checkpoint is "
-                        f"step {ckpt.latest_step()} in {ckpt.directory}")
-                result.losses.append((step, loss))
-                if profiling and step > t.profile_steps[1]:
+                # The previous step's metrics are read only now, so the host's next batch and
+                # dispatch overlap the device's work instead of waiting for it.
+                if pending is not None:
+                    record(*pending)
+                pending = (step, m)
+                preempted = preempt.reached(step) or (stop_at is not None and step >= stop_at)
+                evaluating = bool(t.eval_every and eval_batches is not None
+                                  and step % t.eval_every == 0)
+                saving = step % t.checkpoint_every == 0 or step == t.steps or preempted
+                stop_profile = profiling and step > t.profile_steps[1]
+                if read_late and not (evaluating or saving or stop_profile):
+                    continue
+                record(*pending)  # a finite loss before anything is saved or evaluated
+                pending = None
+                if stop_profile:
                     jax.profiler.stop_trace()
                     profiling = False
-                if step % t.log_every == 0 or step == t.steps:
-                    row = {"loss": loss, "grad_norm": float(m["grad_norm"]),
-                           "learning_rate": float(m["learning_rate"]),
-                           "tokens_per_sec": tokens_per_step / dt,
-                           "tflops_per_device": flops / dt / jax.device_count() / 1e12}
-                    if peak:
-                        row["mfu"] = flops / dt / jax.device_count() / peak
-                    writer.write(step, row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-                if t.eval_every and eval_batches is not None and step % t.eval_every == 0:
+                if evaluating:
                     ev = evaluate_loss(jit_eval, state.params, eval_batches(), batch_sh,
                                        t.global_batch_size)
                     result.eval_losses.append((step, ev))
                     writer.write(step, {"eval_loss": ev})
-                preempted = preempt.reached(step) or (stop_at is not None and step >= stop_at)
-                if step % t.checkpoint_every == 0 or step == t.steps or preempted:
+                if saving:
                     ckpt.save(step, state, data.position(), resolved, force=True)
                     result.last_checkpoint = step
+                clock[0] = time.perf_counter()  # eval and saving are not the next step's time
                 if preempted:
                     result.status = "stopped" if preempt.flag is False and stop_at else "preempted"
                     log.warning("%s: checkpoint saved at step %d", result.status, step)
                     break
+            if pending is not None:
+                record(*pending)
     finally:
         if profiling:
             jax.profiler.stop_trace()
