@@ -281,8 +281,6 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
                     result.status = "stopped" if preempt.flag is False and stop_at else "preempted"
                     log.warning("%s: checkpoint saved at step %d", result.status, step)
                     break
-            if pending is not None:
-                record(*pending)
     finally:
         if profiling:
             jax.profiler.stop_trace()
