@@ -132,7 +132,8 @@ def resolve_prompt_format(model_path: Optional[str | os.PathLike], tokenizer,
 def make_eval_model(params, config, tokenizer, *, prompt_format: str = "gorilla",
                     eos_ids: Sequence[int] = (), model_id: str = "model", mesh=None,
                     max_batch: Optional[int] = None,
-                    max_prompt_tokens: Optional[int] = None) -> EvalModel:
+                    max_prompt_tokens: Optional[int] = None,
+                    cache_windows: Optional[int] = None) -> EvalModel:
     """An :class:`EvalModel` from params already in memory (e.g. right after training)."""
     from gorilla_jax.generate import Generator
 
@@ -142,14 +143,16 @@ def make_eval_model(params, config, tokenizer, *, prompt_format: str = "gorilla"
     if tokenizer.vocab_size > config.vocab_size:
         raise GorillaError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's "
                            f"vocabulary is {config.vocab_size}: wrong tokenizer?")
-    gen = Generator(params, config, mesh=mesh, pad_id=tokenizer.pad_id, max_batch=max_batch)
+    gen = Generator(params, config, mesh=mesh, pad_id=tokenizer.pad_id, max_batch=max_batch,
+                    cache_windows=cache_windows)
     return EvalModel(model_id, config, tokenizer, prompt_format, tuple(dict.fromkeys(eos)), gen,
                      max_prompt_tokens)
 
 
 def load_eval_model(path: str | os.PathLike, *, tokenizer_path: Optional[str | os.PathLike] = None,
                     prompt_format: str = "auto", dtype: Optional[str] = None, mesh=None,
-                    model_id: Optional[str] = None) -> EvalModel:
+                    model_id: Optional[str] = None,
+                    cache_windows: Optional[int] = None) -> EvalModel:
     """Load an HF directory, a params checkpoint or a training run directory for evaluation."""
     from gorilla_jax.loading import default_tokenizer_path, load_model, model_eos_ids
     from gorilla_jax.run_dir import is_run_dir, read_run_config
@@ -169,7 +172,7 @@ def load_eval_model(path: str | os.PathLike, *, tokenizer_path: Optional[str | o
         max_prompt = read_run_config(path).data.seq_len
     return make_eval_model(params, config, tokenizer, prompt_format=fmt,
                            eos_ids=model_eos_ids(path), model_id=model_id or path.name, mesh=mesh,
-                           max_prompt_tokens=max_prompt)
+                           max_prompt_tokens=max_prompt, cache_windows=cache_windows)
 
 
 # ----------------------------------------------------------------------------- questions

@@ -322,8 +322,9 @@ class Generator:
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, pad_id: int = 0, mesh=None, stop_strings: Sequence[str] = (),
-             decode_fn: Optional[Callable[[list[int]], str]] = None) -> list[list[int]]:
+             decode_fn: Optional[Callable[[list[int]], str]] = None,
+             cache_windows: Optional[int] = None) -> list[list[int]]:
     """One-off batched generation (builds a :class:`Generator`; keep one for repeated calls)."""
-    gen = Generator(params, config, mesh=mesh, pad_id=pad_id)
+    gen = Generator(params, config, mesh=mesh, pad_id=pad_id, cache_windows=cache_windows)
     return gen.generate(prompts, max_new_tokens, eos_ids=eos_ids, temperature=temperature,
                         top_p=top_p, seed=seed, stop_strings=stop_strings, decode_fn=decode_fn)

@@ -114,7 +114,8 @@ class ModelBackend:
 
 def load_backend(model: str, tokenizer: Optional[str] = None, *, model_id: Optional[str] = None,
                  dtype: Optional[str] = None, max_context: Optional[int] = None,
-                 max_batch: Optional[int] = None) -> ModelBackend:
+                 max_batch: Optional[int] = None,
+                 cache_windows: Optional[int] = None) -> ModelBackend:
     """A backend for a converted checkpoint or HF directory (and its own tokenizer by default)."""
     from pathlib import Path
 
@@ -134,7 +135,8 @@ def load_backend(model: str, tokenizer: Optional[str] = None, *, model_id: Optio
     if context > config.max_position_embeddings:
         raise GorillaError(f"max context {context} is larger than the model's "
                            f"max_position_embeddings ({config.max_position_embeddings})")
-    gen = Generator(params, config, pad_id=tok.pad_id, max_batch=max_batch)
+    gen = Generator(params, config, pad_id=tok.pad_id, max_batch=max_batch,
+                    cache_windows=cache_windows)
     return ModelBackend(gen, tok, model_id=model_id or Path(model).resolve().name,
                         max_context=context, eos_ids=model_eos_ids(model))
 

@@ -543,5 +543,17 @@ def test_generate_cli_matches_transformers(tmp_path, capsys):
         runs.append(json.loads(capsys.readouterr().out))
     assert runs[0] == runs[1] and runs[0]["sampling"]["seed"] == 5
     assert all(0 <= i < 512 for i in runs[0]["token_ids"])
+    # --cache-windows reaches the Generator: a cache grown in 3 windows or allocated at once
+    # gives transformers' 40 greedy tokens, and 0 windows is refused
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=40,
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             eos_token_id=2, pad_token_id=3)
+    for windows in ("1", "3"):
+        assert main(["generate", "--model", str(ckpt), "--prompt", prompt, "--max-new-tokens",
+                     "40", "--json", "--cache-windows", windows]) == 0
+        assert json.loads(capsys.readouterr().out)["token_ids"] == ref[0, len(prompt_ids):].tolist()
+    assert main(["generate", "--model", str(ckpt), "--prompt", prompt, "--cache-windows", "0"]) == 2
+    assert "cache_windows must be >= 1" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--json"]) == 2
     assert "no tokenizer files" in capsys.readouterr().err

@@ -171,7 +171,7 @@ def test_evaluate_command_on_a_checkpoint(tok, tiny_model, tmp_path, capsys):
     assert main(["evaluate", "--model", str(ckpt), "--hub", "torchhub", "huggingface",
                  "--retriever", "oracle", "none", "--limit", "3", "--out", str(out),
                  "--max-new-tokens", "10", "--batch-size", "4", "--no-progress", "--json",
-                 "--doc-change", "--constraints"]) == 0
+                 "--doc-change", "--constraints", "--cache-windows", "1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["prompt_format"] == "gorilla"
     assert [(r["hub"], r["retriever"], r["mode"]) for r in summary["scores"]] == [
@@ -188,7 +188,8 @@ def test_evaluate_command_on_a_checkpoint(tok, tiny_model, tmp_path, capsys):
         assert (f"| {row['hub']} | {row['retriever']} | {row['mode']} | 3 | "
                 f"{100 * row['accuracy']:.1f}% | {100 * row['hallucination']:.1f}% | "
                 f"{100 * row['error']:.1f}% |") in report
-        # the random model's answers are what the in-memory model generates for these prompts
+        # the random model's answers are what the in-memory model (its cache grown in windows,
+        # the CPU default) generates for these prompts
     same = generate_texts(tiny_model, [q.prompt for q in build_questions(
         eval_examples("torchhub", limit=3), make_retriever_for("torchhub", "none"), "gorilla")],
         GenerationSettings(10, 4), progress=False)
@@ -202,6 +203,9 @@ def test_evaluate_command_on_a_checkpoint(tok, tiny_model, tmp_path, capsys):
     assert main(["eval", "score", "--hub", "torchhub", "--responses",
                  str(out / "torchhub_oracle" / "responses.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 3
+    assert main(["evaluate", "--model", str(ckpt), "--hub", "torchhub", "--limit", "1",
+                 "--out", str(tmp_path / "out0"), "--cache-windows", "0", "--no-progress"]) == 2
+    assert "cache_windows must be >= 1" in capsys.readouterr().err
 
 
 def test_evaluate_command_errors(tmp_path, capsys):

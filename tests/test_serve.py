@@ -213,3 +213,7 @@ def test_serve_command(model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "gorilla_jax.cli", "serve", "--model", str(model_dir),
+                          "--port", "0", "--cache-windows", "0"], capture_output=True, text=True,
+                         env=env, cwd=str(REPO), timeout=300)
+    assert bad.returncode == 2 and "cache_windows must be >= 1" in bad.stderr

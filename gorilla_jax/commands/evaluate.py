@@ -1,6 +1,8 @@
 """`gorilla-jax evaluate`: generate answers to APIBench eval questions, score them, report."""
 from __future__ import annotations
 
+from gorilla_jax.commands import add_cache_windows_argument
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -51,6 +53,7 @@ def register(subparsers) -> None:
                    help="shard the model and batch over a device mesh, e.g. 1,-1,1 (default: "
                    "fsdp over all devices when there are several)")
     p.add_argument("--model-id", default=None, help="model_id written in the responses")
+    add_cache_windows_argument(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
@@ -108,7 +111,8 @@ def evaluate(args) -> dict:
                                   args.top_p, args.seed).check()
     model = load_eval_model(args.model, tokenizer_path=args.tokenizer,
                             prompt_format=args.prompt_format, dtype=args.dtype,
-                            mesh=_mesh(args.mesh), model_id=args.model_id)
+                            mesh=_mesh(args.mesh), model_id=args.model_id,
+                            cache_windows=args.cache_windows)
     out = Path(args.out)
     progress = not args.no_progress
     runs = [evaluate_hub(model, hub, r, out, data_dir=args.data_dir,

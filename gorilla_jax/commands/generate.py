@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from gorilla_jax.commands import add_cache_windows_argument
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -28,6 +30,7 @@ def register(subparsers) -> None:
                    help="parameter dtype (default: float32 for HF dirs, as stored for checkpoints)")
     p.add_argument("--json", action="store_true",
                    help="print JSON with token_ids (the new tokens) and text")
+    add_cache_windows_argument(p)
     p.set_defaults(func=_run)
 
 
@@ -60,7 +63,8 @@ def _run(args) -> int:
     temperature = args.temperature or 0.0
     new = generate(params, config, [prompt_ids], args.max_new_tokens,
                    eos_ids=tuple(dict.fromkeys(eos_ids)), temperature=temperature,
-                   top_p=args.top_p, seed=args.seed, pad_id=tokenizer.pad_id)[0]
+                   top_p=args.top_p, seed=args.seed, pad_id=tokenizer.pad_id,
+                   cache_windows=args.cache_windows)[0]
     text = tokenizer.decode(new)
     if args.json:
         print(json.dumps({"token_ids": [int(i) for i in new], "text": text,

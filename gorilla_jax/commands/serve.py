@@ -1,6 +1,8 @@
 """`gorilla-jax serve`: an OpenAI-compatible HTTP server over the JAX generator."""
 from __future__ import annotations
 
+from gorilla_jax.commands import add_cache_windows_argument
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -24,6 +26,7 @@ def register(subparsers) -> None:
                    help="context length: prompt + max_tokens (default: the model's max_position_embeddings)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="parameter dtype (default: float32 for HF dirs, as stored for checkpoints)")
+    add_cache_windows_argument(p)
     p.set_defaults(func=_run)
 
 
@@ -34,7 +37,7 @@ def _run(args) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     backend = load_backend(args.model, args.tokenizer, model_id=args.model_id, dtype=args.dtype,
-                           max_context=args.max_context)
+                           max_context=args.max_context, cache_windows=args.cache_windows)
     server = GorillaServer(backend, args.host, args.port, max_batch=args.max_batch,
                            batch_wait=args.batch_wait_ms / 1000.0, stream_tokens=args.stream_tokens)
     print(f"serving {backend.model_id} at {server.url} (context {backend.max_context} tokens, "
