@@ -61,8 +61,8 @@ def test_head_loss_sums_equals_autodiff_of_the_plain_loss(vocab_major):
 
 
 def test_head_loss_sums_with_logits_far_above_the_target():
-    # logits spread over thousands: exp(logit - target logit) overflows in float32, so the
-    # target-shifted log-sum-exp must give way to the max-shifted one (no inf, no NaN)
+    # logits spread over thousands: exp(logit - target logit) would overflow in float32, so
+    # this guards the log-sum-exp's shift against any change that drops the row maximum
     rng = np.random.default_rng(1)
     B, S, D, V = 2, 4, 8, 11
     hidden = jnp.asarray(rng.normal(size=(B, S, D)) * 30.0, jnp.float32)

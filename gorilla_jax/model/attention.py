@@ -106,14 +106,19 @@ def dot_product_attention(q, k, v, mask, dtype):
     return out.reshape(B, KV, G, S, Dh).transpose(0, 3, 1, 2, 4).reshape(B, S, H, Dh)
 
 
+def _grouped_where(mask, x, fill):
+    """``x`` [B, KV, G*S, T] where ``mask`` [B|1, S, T] holds, else ``fill``."""
+    B, KV, M, T = x.shape
+    S = mask.shape[1]
+    x = jnp.where(mask[:, None, None], x.reshape(B, KV, M // S, S, T), fill)
+    return x.reshape(B, KV, M, T)
+
+
 def _grouped_probs(qh, kh, mask, scale):
     """Softmax probabilities [B, KV, G*S, T] (float32) of grouped queries over the keys."""
-    B, KV, M, _ = qh.shape
-    S, T = mask.shape[1], kh.shape[2]
     scores = jnp.einsum("bnmd,bntd->bnmt", qh, kh, preferred_element_type=jnp.float32)
-    scores = (scores * jnp.float32(scale)).reshape(B, KV, M // S, S, T)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-    return jax.nn.softmax(scores, axis=-1).reshape(B, KV, M, T)
+    scores = _grouped_where(mask, scores * jnp.float32(scale), _MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -136,15 +141,12 @@ def _transposed(x):
 
 def _grouped_core_bwd(scale, res, d_out):
     qh, kh, vh, mask, probs = res
-    B, KV, M, T = probs.shape
-    S = mask.shape[1]
     dt = qh.dtype
     d_probs = jnp.einsum("bnmd,bntd->bnmt", d_out, vh, preferred_element_type=jnp.float32)
     dv = jnp.einsum("bntm,bnmd->bntd", _transposed(probs.astype(dt)), d_out.astype(dt))
     d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
     # masked scores are constants: no gradient, also on fully masked (uniform) rows
-    d_scores = jnp.where(mask[:, None, None], d_scores.reshape(B, KV, M // S, S, T), 0.0)
-    d_scores = (d_scores * jnp.float32(scale)).reshape(B, KV, M, T).astype(dt)
+    d_scores = (_grouped_where(mask, d_scores, 0.0) * jnp.float32(scale)).astype(dt)
     dq = jnp.einsum("bnmt,bntd->bnmd", d_scores, kh)
     dk = jnp.einsum("bntm,bnmd->bntd", _transposed(d_scores), qh)
     return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), None

@@ -215,13 +215,14 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     profiling = False
     step = start
-    clock = [time.perf_counter()]  # when the last step's metrics arrived
+    clock = time.perf_counter()  # when the last step's metrics arrived
 
     def record(done_step: int, m) -> None:
         """Fetch one step's metrics (blocks until that step is done), check and log them."""
+        nonlocal clock
         m = jax.device_get(m)
         now = time.perf_counter()
-        dt, clock[0] = now - clock[0], now
+        dt, clock = now - clock, now
         loss = float(m["loss"])
         if not math.isfinite(loss):
             raise TrainingDiverged(
@@ -276,7 +277,7 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
                 if saving:
                     ckpt.save(step, state, data.position(), resolved, force=True)
                     result.last_checkpoint = step
-                clock[0] = time.perf_counter()  # eval and saving are not the next step's time
+                clock = time.perf_counter()  # eval and saving are not the next step's time
                 if preempted:
                     result.status = "stopped" if preempt.flag is False and stop_at else "preempted"
                     log.warning("%s: checkpoint saved at step %d", result.status, step)
