@@ -337,3 +337,24 @@ def test_grouped_attention_backward_equals_autodiff_of_the_einsum_form():
     for g_, w_ in zip(got_g, want_g):
         np.testing.assert_allclose(np.asarray(g_), np.asarray(w_), rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(want_g[0]).max()) > 0.1
+
+
+@pytest.mark.parametrize("rows", [(2, 12), (3, 40)])  # 24 rows: fused gate/up; 120: separate
+def test_swiglu_backward_equals_autodiff_of_the_plain_form(rows):
+    from gorilla_jax.model.layers import swiglu
+    rng = np.random.default_rng(2)
+    D, F = 16, 24
+    x, wg, wu, wd, w = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                        for s in (rows + (D,), (D, F), (D, F), (F, D), rows + (D,)))
+
+    def plain(x, wg, wu, wd):
+        return (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
+
+    new = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(swiglu(*a) * w), (0, 1, 2, 3)))
+    ref = jax.value_and_grad(lambda *a: jnp.sum(plain(*a) * w), (0, 1, 2, 3))
+    (got, got_g), (want, want_g) = new(x, wg, wu, wd), ref(x, wg, wu, wd)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g_, w_ in zip(got_g, want_g):
+        assert g_.shape == w_.shape
+        np.testing.assert_allclose(np.asarray(g_), np.asarray(w_), rtol=1e-4, atol=1e-4)
+        assert float(jnp.abs(w_).max()) > 1.0

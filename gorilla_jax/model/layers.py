@@ -178,14 +178,60 @@ class MLP(nn.Module):
             return project_out_in(h, self.get_variable("params", "down_t"), dt)
         wg = _Kernel(cfg, (D, F), ("embed", "mlp"), init, name="gate_proj")()
         wu = _Kernel(cfg, (D, F), ("embed", "mlp"), init, name="up_proj")()
-        if can_fuse(("mlp",), x.shape[0] * x.shape[1]):
-            gate, up = fused_projections(x, (wg, wu), dt)
-        else:
-            gate = jnp.einsum("bsd,df->bsf", x.astype(dt), wg.astype(dt))
-            up = jnp.einsum("bsd,df->bsf", x.astype(dt), wu.astype(dt))
-        h = nn.silu(gate) * up
-        h = with_logical_constraint(h, ("batch", "length", "mlp"))
-        return _Dense(cfg, D, ("mlp", "embed"), init, name="down_proj")(h)
+        wd = _Kernel(cfg, (F, D), ("mlp", "embed"), init, name="down_proj")()
+        return swiglu(x.astype(dt), wg.astype(dt), wu.astype(dt), wd.astype(dt))
+
+
+_H_AXES = ("batch", "length", "mlp")
+
+
+@jax.custom_vjp
+def swiglu(x, wg, wu, wd):
+    """``down(silu(x @ wg) * (x @ wu))`` for x [B, S, D], with a hand-written backward pass.
+
+    Autodiff's backward ran the weight gradients as generic dots over transposed copies that
+    it computed twice (once per layout) from the same elementwise expressions; here the
+    elementwise gradient is computed once, and the activations' transposes for the three
+    weight-gradient products are materialised (see :func:`_transposed_tokens`). Measured on the
+    19M benchmark shapes (four layers, forward + backward, 1024 rows): 93-100 -> 75-84 ms.
+    """
+    return _swiglu_fwd(x, wg, wu, wd)[0]
+
+
+def _swiglu_fwd(x, wg, wu, wd):
+    if can_fuse(("mlp",), x.shape[0] * x.shape[1]):
+        gate, up = fused_projections(x, (wg, wu), x.dtype)
+    else:
+        gate = jnp.einsum("bsd,df->bsf", x, wg)
+        up = jnp.einsum("bsd,df->bsf", x, wu)
+    h = with_logical_constraint(nn.silu(gate) * up, _H_AXES)
+    return jnp.einsum("bsf,fd->bsd", h, wd), (x, gate, up, wg, wu, wd)
+
+
+def _transposed_tokens(x):
+    """``x`` [B, S, N] -> [N, B, S], materialised: the barrier keeps XLA from folding the
+    transpose into the weight-gradient product as a transposed operand (a generic dot on CPU,
+    behind two transposing copies)."""
+    return jax.lax.optimization_barrier(jnp.transpose(x, (2, 0, 1)))
+
+
+def _swiglu_bwd(res, dy):
+    x, gate, up, wg, wu, wd = res
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    h = silu * up
+    dh = jnp.einsum("bsd,fd->bsf", dy, wd)
+    d_up = with_logical_constraint(dh * silu, _H_AXES)
+    d_gate = with_logical_constraint(dh * up * sig * (1 + gate * (1 - sig)), _H_AXES)
+    dx = jnp.einsum("bsf,df->bsd", d_gate, wg) + jnp.einsum("bsf,df->bsd", d_up, wu)
+    xt = _transposed_tokens(x)
+    d_wg = jnp.einsum("dbs,bsf->df", xt, d_gate)
+    d_wu = jnp.einsum("dbs,bsf->df", xt, d_up)
+    d_wd = jnp.einsum("fbs,bsd->fd", _transposed_tokens(h), dy)
+    return dx, d_wg, d_wu, d_wd
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class _Kernel(nn.Module):
@@ -199,18 +245,3 @@ class _Kernel(nn.Module):
     @nn.compact
     def __call__(self):
         return param(self, "kernel", self.shape, self.axes, self.init)
-
-
-class _Dense(nn.Module):
-    """A bias-free [in, out] projection with logical axis names."""
-
-    config: ModelConfig
-    features: int
-    axes: tuple
-    init: object
-
-    @nn.compact
-    def __call__(self, x):
-        dt = dtype_of(self.config.dtype)
-        kernel = param(self, "kernel", (x.shape[-1], self.features), self.axes, self.init)
-        return jnp.einsum("bsd,df->bsf", x.astype(dt), kernel.astype(dt))
