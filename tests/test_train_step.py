@@ -89,3 +89,59 @@ def test_gradient_accumulation_equals_one_big_batch():
     p0 = init_params(TINY, jax.random.PRNGKey(1))
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(a1.params)))
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3])  # clipping applies / does not
+def test_step_clips_and_updates_like_optax_on_the_mean_gradient(clip):
+    # The step passes the norm of the summed gradients to our clip transform; the reference is
+    # optax's own clip_by_global_norm on jax.grad of the mean loss. With SGD at rate 1 the
+    # update is the clipped gradient itself; AdamW from config is compared after it.
+    from gorilla_jax.train.optimizer import clip_by_global_norm
+    batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(5), 4, 16))
+    model = LlamaForCausalLM(TINY)
+    params = init_params(TINY, jax.random.PRNGKey(1))
+
+    def mean_loss(p):
+        logits = model.apply({"params": p}, batch["input_ids"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"])
+        ce, _, n = token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+        return ce / n
+
+    grads = jax.grad(mean_loss)(params)
+    norm = float(optax.global_norm(grads))
+    assert (norm > clip) == (clip < 1)
+
+    def step(opt):
+        state = TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
+                           rng=jax.random.PRNGKey(0))
+        return jax.jit(make_train_step(model.apply, opt))(state, batch)
+
+    def reference(opt):
+        return optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
+
+    new, metrics = step(optax.chain(clip_by_global_norm(clip), optax.sgd(1.0)))
+    want = reference(optax.chain(optax.clip_by_global_norm(clip), optax.sgd(1.0)))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+    moved = [np.asarray(a) - np.asarray(p) for a, p in zip(jax.tree.leaves(new.params),
+                                                           jax.tree.leaves(params))]
+    wanted = [np.asarray(b) - np.asarray(p) for b, p in zip(jax.tree.leaves(want),
+                                                            jax.tree.leaves(params))]
+    np.testing.assert_allclose(np.sqrt(sum((m ** 2).sum() for m in moved)), min(norm, clip),
+                               rtol=1e-4)
+    biggest = max(np.abs(w).max() for w in wanted)
+    for m, w in zip(moved, wanted):
+        np.testing.assert_allclose(m, w, rtol=1e-3, atol=1e-3 * biggest)
+
+    cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant",
+                          weight_decay=0.1, grad_clip=clip)
+    new, _ = step(make_optimizer(cfg, 10, params))
+    want = reference(optax.chain(optax.clip_by_global_norm(clip), optax.adamw(
+        1e-2, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.1,
+        mask=weight_decay_mask(params, cfg.weight_decay_exclude))))
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+        # AdamW's first update is g / (|g| + eps): gradients near eps amplify rounding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=5e-5)
+
+    # without a norm passed in, the transform computes it (and clips to it)
+    clipped, _ = clip_by_global_norm(clip).update(grads, optax.EmptyState())
+    np.testing.assert_allclose(float(optax.global_norm(clipped)), min(norm, clip), rtol=1e-5)

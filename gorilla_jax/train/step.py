@@ -134,7 +134,12 @@ def _forward_sums(apply_fn, params, batch, z_loss):
 def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
                     micro_batches: int = 1, z_loss: float = 0.0,
                     schedule: optax.Schedule | None = None):
-    """Return ``train_step(state, batch) -> (state, metrics)`` (not yet jit-compiled)."""
+    """Return ``train_step(state, batch) -> (state, metrics)`` (not yet jit-compiled).
+
+    The optimizer's ``update`` gets the gradients' global norm as ``grad_norm=`` (used by
+    :func:`gorilla_jax.train.optimizer.clip_by_global_norm`; other transforms ignore it).
+    """
+    optimizer = optax.with_extra_args_support(optimizer)
 
     def sums_and_grads(params, batch):
         def objective(p):
@@ -159,9 +164,14 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             (ce, n, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), split)
         denom = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # The norm of the sums, not of the scaled gradients, and a multiplication, not a
+        # division: then XLA computes the scaled gradients inside the AdamW update instead of
+        # writing them out first (see optimizer.clip_by_global_norm).
+        grad_norm = optax.global_norm(grads) / denom
+        inv_denom = 1.0 / denom
+        grads = jax.tree.map(lambda g, p: (g * inv_denom).astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                              grad_norm=grad_norm)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": ce / denom, "grad_norm": grad_norm, "tokens": n}
         if schedule is not None:
