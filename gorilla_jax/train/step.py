@@ -49,38 +49,51 @@ def token_loss_sums(logits, targets, loss_mask, z_loss: float = 0.0):
     return ce.sum(), zl.sum(), mask.sum()
 
 
-_LOGITS_AXES = ("batch", "length", "vocab")
+# The head works on one row per token, [B*S, ...]: with [B*S, V] logits (no [B, S, V] views
+# of them) XLA:CPU writes the logits' gradient over the logits in place, which it did not do
+# for the [B, S, V] form (19M benchmark step: 410 -> 285 MB of temporaries; docs/PERFORMANCE.md).
+# The token axis keeps the batch's sharding ("length" is never split).
+_LOGITS_AXES = ("batch", "vocab")
 
 
 def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_grads):
     """Sums (ce, z-loss) and, with ``with_grads``, the gradients of ce + z-loss w.r.t. hidden, head."""
-    spec = "bsd,vd->bsv" if vocab_major else "bsd,dv->bsv"
-    logits = jnp.einsum(spec, hidden, head, preferred_element_type=jnp.float32)
+    B, S, D = hidden.shape
+    rows = hidden.reshape(B * S, D)
+    targets = targets.reshape(B * S)
+    spec = "td,vd->tv" if vocab_major else "td,dv->tv"
+    logits = jnp.einsum(spec, rows, head, preferred_element_type=jnp.float32)
     logits = with_logical_constraint(logits, _LOGITS_AXES)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == targets[..., None]
-    if unsplit(("vocab",)):  # a gather of B*S values; no [B, S, V] select pass
-        target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)[..., 0]
+    target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
+    if unsplit(("vocab",)):  # a gather of B*S values; no [B*S, V] select pass
+        target_logit = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), -1)[:, 0]
     else:  # vocabulary split over devices: a masked sum reduces shard-locally, then all-reduces
         target_logit = jnp.sum(jnp.where(target, logits, 0.0), axis=-1)
-    mask = loss_mask.astype(jnp.float32)
-    ce = jnp.sum((lse[..., 0] - target_logit) * mask)
-    zl = jnp.sum(z_loss * jnp.square(lse[..., 0]) * mask) if z_loss else jnp.zeros((), jnp.float32)
+    mask = loss_mask.reshape(B * S).astype(jnp.float32)
+    ce = jnp.sum((lse[:, 0] - target_logit) * mask)
+    zl = jnp.sum(z_loss * jnp.square(lse[:, 0]) * mask) if z_loss else jnp.zeros((), jnp.float32)
     if not with_grads:
         return ce, zl, None
-    # d(ce + zl)/dlogits = mask * (softmax * (1 + 2 z lse) - onehot), one pass over [B, S, V]
+    # The gradient overwrites the logits in place only if it is computed after the target
+    # logits are read. XLA:CPU orders its ops by data dependencies (not by optimization
+    # barriers), so lse takes one on the target logits: adding 0 * target_logit (kept for
+    # floats; it changes lse only where a logit is already inf or NaN).
+    lse = lse + 0.0 * target_logit[:, None]
+    # d(ce + zl)/dlogits = mask * (softmax * (1 + 2 z lse) - onehot), one pass over [B*S, V]
     probs = jnp.exp(logits - lse)
     if z_loss:
         probs = probs * (1.0 + 2.0 * z_loss * lse)
-    dlogits = ((probs - target.astype(jnp.float32)) * mask[..., None]).astype(hidden.dtype)
+    dlogits = ((probs - target.astype(jnp.float32)) * mask[:, None]).astype(hidden.dtype)
     dlogits = with_logical_constraint(dlogits, _LOGITS_AXES)
     if vocab_major:
-        d_hidden = jnp.einsum("bsv,vd->bsd", dlogits, head)
-        d_head = jnp.einsum("bsv,bsd->vd", dlogits, hidden, preferred_element_type=jnp.float32)
+        d_rows = jnp.einsum("tv,vd->td", dlogits, head)
+        d_head = jnp.einsum("tv,td->vd", dlogits, rows, preferred_element_type=jnp.float32)
     else:
-        d_hidden = jnp.einsum("bsv,dv->bsd", dlogits, head)
-        d_head = jnp.einsum("bsd,bsv->dv", hidden, dlogits, preferred_element_type=jnp.float32)
-    return ce, zl, (d_hidden.astype(hidden.dtype), d_head.astype(head.dtype))
+        d_rows = jnp.einsum("tv,dv->td", dlogits, head)
+        rows_t = jax.lax.optimization_barrier(rows.T)  # see model.layers._transposed_tokens
+        d_head = jnp.einsum("dt,tv->dv", rows_t, dlogits, preferred_element_type=jnp.float32)
+    return ce, zl, (d_rows.reshape(B, S, D).astype(hidden.dtype), d_head.astype(head.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
