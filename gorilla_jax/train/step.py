@@ -49,10 +49,11 @@ def token_loss_sums(logits, targets, loss_mask, z_loss: float = 0.0):
     return ce.sum(), zl.sum(), mask.sum()
 
 
-# The head works on one row per token, [B*S, ...]: with [B*S, V] logits (no [B, S, V] views
-# of them) XLA:CPU writes the logits' gradient over the logits in place, which it did not do
-# for the [B, S, V] form (19M benchmark step: 410 -> 285 MB of temporaries; docs/PERFORMANCE.md).
-# The token axis keeps the batch's sharding ("length" is never split).
+# The head works on one row per token, [B*S, ...]. With [B*S, V] logits (no [B, S, V] views of
+# them) and the target logits read first (see _head_forward), XLA:CPU writes the logits'
+# gradient over the logits in place; it did not for the [B, S, V] form (19M benchmark step:
+# 410 -> 318 MB of temporaries; docs/PERFORMANCE.md). The token axis keeps the batch's sharding
+# ("length" is never split).
 _LOGITS_AXES = ("batch", "vocab")
 
 
