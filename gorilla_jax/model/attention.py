@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from gorilla_jax.config import ModelConfig
-from gorilla_jax.model.layers import (apply_rope, can_fuse, dtype_of, fused_projections, normal_init,
-                                     param, project_out_in)
+from gorilla_jax.model.layers import (apply_rope, can_fuse, dtype_of, fused_projections, kernel,
+                                     normal_init, project_out_in)
 from gorilla_jax.sharding import active_mesh, logical_to_spec, with_logical_constraint
 
 # A large finite negative: exp() underflows to exactly 0 without the NaNs of -inf on empty rows.
@@ -244,10 +244,10 @@ class Attention(nn.Module):
             q, k, v = jnp.split(qkv, (H * Dh, (H + KV) * Dh), axis=-1)
             q, k, v = (q.reshape(B, S, H, Dh), k.reshape(B, S, KV, Dh), v.reshape(B, S, KV, Dh))
         else:
-            wq = _proj(self, "q_proj", (D, H, Dh), ("embed", "heads", "head_dim"), init)
-            wk = _proj(self, "k_proj", (D, KV, Dh), ("embed", "kv_heads", "head_dim"), init)
-            wv = _proj(self, "v_proj", (D, KV, Dh), ("embed", "kv_heads", "head_dim"), init)
-            wo = _proj(self, "o_proj", (H, Dh, D), ("heads", "head_dim", "embed"), init)
+            wq = kernel(self, "q_proj", (D, H, Dh), ("embed", "heads", "head_dim"), init)
+            wk = kernel(self, "k_proj", (D, KV, Dh), ("embed", "kv_heads", "head_dim"), init)
+            wv = kernel(self, "v_proj", (D, KV, Dh), ("embed", "kv_heads", "head_dim"), init)
+            wo = kernel(self, "o_proj", (H, Dh, D), ("heads", "head_dim", "embed"), init)
             if can_fuse(("heads", "kv_heads"), B * S):
                 q, k, v = fused_projections(x, (wq, wk, wv), dt)
             else:
@@ -282,20 +282,3 @@ class Attention(nn.Module):
         else:
             y = jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt))
         return y, new_cache
-
-
-class _Kernel(nn.Module):
-    """Holds one projection kernel so the param tree reads ``q_proj/kernel`` like HF's names."""
-
-    config: ModelConfig
-    shape: tuple
-    axes: tuple
-    init: object
-
-    @nn.compact
-    def __call__(self):
-        return param(self, "kernel", self.shape, self.axes, self.init)
-
-
-def _proj(parent: nn.Module, name: str, shape, axes, init):
-    return _Kernel(parent.config, tuple(shape), tuple(axes), init, name=name)()

@@ -176,9 +176,9 @@ class MLP(nn.Module):
             h = nn.silu(gate_up[..., :F]) * gate_up[..., F:]
             h = with_logical_constraint(h, ("batch", "length", "mlp"))
             return project_out_in(h, self.get_variable("params", "down_t"), dt)
-        wg = _Kernel(cfg, (D, F), ("embed", "mlp"), init, name="gate_proj")()
-        wu = _Kernel(cfg, (D, F), ("embed", "mlp"), init, name="up_proj")()
-        wd = _Kernel(cfg, (F, D), ("mlp", "embed"), init, name="down_proj")()
+        wg = kernel(self, "gate_proj", (D, F), ("embed", "mlp"), init)
+        wu = kernel(self, "up_proj", (D, F), ("embed", "mlp"), init)
+        wd = kernel(self, "down_proj", (F, D), ("mlp", "embed"), init)
         return swiglu(x.astype(dt), wg.astype(dt), wu.astype(dt), wd.astype(dt))
 
 
@@ -234,8 +234,9 @@ def _swiglu_bwd(res, dy):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-class _Kernel(nn.Module):
-    """Holds one projection kernel so the param tree reads ``gate_proj/kernel`` like HF's names."""
+class Kernel(nn.Module):
+    """Holds one projection kernel, so the param tree reads ``<name>/kernel`` like HF's names
+    (``gate_proj/kernel``, ``q_proj/kernel``, ...)."""
 
     config: ModelConfig
     shape: tuple
@@ -245,3 +246,8 @@ class _Kernel(nn.Module):
     @nn.compact
     def __call__(self):
         return param(self, "kernel", self.shape, self.axes, self.init)
+
+
+def kernel(parent: nn.Module, name: str, shape, axes, init):
+    """The kernel parameter ``<name>/kernel`` of ``parent`` with logical axes ``axes``."""
+    return Kernel(parent.config, tuple(shape), tuple(axes), init, name=name)()
