@@ -89,7 +89,10 @@ def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_gr
     dlogits = with_logical_constraint(dlogits, _LOGITS_AXES)
     if vocab_major:
         d_rows = jnp.einsum("tv,vd->td", dlogits, head)
-        d_head = jnp.einsum("tv,td->vd", dlogits, rows, preferred_element_type=jnp.float32)
+        # over [B, S] views: XLA:CPU runs this form as a fast (YNNPACK) product, the [B*S] form
+        # as a generic dot
+        d_head = jnp.einsum("bsv,bsd->vd", dlogits.reshape(B, S, -1), hidden,
+                            preferred_element_type=jnp.float32)
     else:
         d_rows = jnp.einsum("tv,dv->td", dlogits, head)
         rows_t = jax.lax.optimization_barrier(rows.T)  # see model.layers._transposed_tokens
