@@ -65,10 +65,10 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     that name, except that the caller may pass the norm (``update(..., grad_norm=n)``).
 
     The train step passes the norm it computes from the gradient sums before they are divided
-    by the token count. When the norm was taken over the divided gradients instead, XLA:CPU
-    wrote them out as a separate array (read by both the norm and the AdamW update) and the
-    clip's select made one more pass: on the 19M benchmark model, clipping + AdamW took 27-32 ms
-    against 19-20 ms with the norm passed in (docs/PERFORMANCE.md).
+    by the token count. When the norm was taken over the divided gradients (as optax's
+    transform does), XLA:CPU wrote them out as a separate array, read by both the norm and the
+    AdamW update: on the 19M benchmark model clipping + AdamW took 27-36 ms, against 18-20 ms
+    with the norm passed in (docs/PERFORMANCE.md).
     """
 
     def init_fn(params):
