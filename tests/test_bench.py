@@ -60,6 +60,24 @@ def test_head_loss_sums_equals_autodiff_of_the_plain_loss(vocab_major):
     np.testing.assert_allclose(float(jax.jit(fused)(hidden, head)[0]), float(want), rtol=1e-6)
 
 
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_head_gradient_is_written_over_the_logits(vocab_major):
+    # train/step.py arranges the head so that XLA:CPU computes softmax - onehot in the logits'
+    # own buffer: the compiled gradient's temporaries hold one [B*S, V] array, not two or three
+    # (a transposed copy of it, for the tied head). A jax/XLA upgrade that breaks this shows
+    # here first.
+    B, S, D, V = 4, 64, 32, 8192
+    hidden = jnp.zeros((B, S, D), jnp.float32)
+    head = jnp.zeros((V, D) if vocab_major else (D, V), jnp.float32)
+    targets = jnp.zeros((B, S), jnp.int32)
+    mask = jnp.ones((B, S), jnp.int32)
+    grad = jax.jit(jax.grad(lambda h, w, t, m: head_loss_sums(h, w, t, m, 0.0, vocab_major)[0],
+                            (0, 1)))
+    temp = grad.lower(hidden, head, targets, mask).compile().memory_analysis().temp_size_in_bytes
+    logits_bytes = B * S * V * 4
+    assert logits_bytes <= temp < 1.5 * logits_bytes, (temp, logits_bytes)
+
 def test_head_loss_sums_with_logits_far_above_the_target():
     # logits spread over thousands: exp(logit - target logit) would overflow in float32, so
     # this guards the log-sum-exp's shift against any change that drops the row maximum

@@ -87,16 +87,18 @@ def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_gr
         probs = probs * (1.0 + 2.0 * z_loss * lse)
     dlogits = ((probs - target.astype(jnp.float32)) * mask[:, None]).astype(hidden.dtype)
     dlogits = with_logical_constraint(dlogits, _LOGITS_AXES)
+    # d_head as [D, V] = rows^T dlogits, with the rows' transpose materialised (see
+    # model.layers._transposed_tokens): the fast (YNNPACK) product on CPU. A tied [V, D] head
+    # takes that product's transpose (32 MB for the 19M model) behind a barrier, so XLA does
+    # not fold it back into the product, which it ran over a transposed copy of dlogits
+    # ([B*S, V], 131 MB; tied head + loss temporaries 375 -> 156 MB).
+    rows_t = jax.lax.optimization_barrier(rows.T)
+    d_head = jnp.einsum("dt,tv->dv", rows_t, dlogits, preferred_element_type=jnp.float32)
     if vocab_major:
         d_rows = jnp.einsum("tv,vd->td", dlogits, head)
-        # over [B, S] views: XLA:CPU runs this form as a fast (YNNPACK) product, the [B*S] form
-        # as a generic dot
-        d_head = jnp.einsum("bsv,bsd->vd", dlogits.reshape(B, S, -1), hidden,
-                            preferred_element_type=jnp.float32)
+        d_head = jax.lax.optimization_barrier(d_head).T
     else:
         d_rows = jnp.einsum("tv,dv->td", dlogits, head)
-        rows_t = jax.lax.optimization_barrier(rows.T)  # see model.layers._transposed_tokens
-        d_head = jnp.einsum("dt,tv->dv", rows_t, dlogits, preferred_element_type=jnp.float32)
     return ce, zl, (d_rows.reshape(B, S, D).astype(hidden.dtype), d_head.astype(head.dtype))
 
 
