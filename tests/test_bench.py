@@ -67,6 +67,8 @@ def test_head_gradient_is_written_over_the_logits(vocab_major):
     # own buffer: the compiled gradient's temporaries hold one [B*S, V] array, not two or three
     # (a transposed copy of it, for the tied head). A jax/XLA upgrade that breaks this shows
     # here first.
+    if jax.default_backend() != "cpu":
+        pytest.skip("the buffer sharing checked here is XLA:CPU's")
     B, S, D, V = 4, 64, 32, 8192
     hidden = jnp.zeros((B, S, D), jnp.float32)
     head = jnp.zeros((V, D) if vocab_major else (D, V), jnp.float32)
