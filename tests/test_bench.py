@@ -60,7 +60,6 @@ def test_head_loss_sums_equals_autodiff_of_the_plain_loss(vocab_major):
     np.testing.assert_allclose(float(jax.jit(fused)(hidden, head)[0]), float(want), rtol=1e-6)
 
 
-
 @pytest.mark.parametrize("vocab_major", [False, True])
 def test_head_gradient_is_written_over_the_logits(vocab_major):
     # train/step.py arranges the head so that XLA:CPU computes softmax - onehot in the logits'
@@ -79,6 +78,7 @@ def test_head_gradient_is_written_over_the_logits(vocab_major):
     temp = grad.lower(hidden, head, targets, mask).compile().memory_analysis().temp_size_in_bytes
     logits_bytes = B * S * V * 4
     assert logits_bytes <= temp < 1.5 * logits_bytes, (temp, logits_bytes)
+
 
 def test_head_loss_sums_with_logits_far_above_the_target():
     # logits spread over thousands: exp(logit - target logit) would overflow in float32, so

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from gorilla_jax.config import ModelConfig
 from gorilla_jax.model.layers import (apply_rope, can_fuse, dtype_of, fused_projections, kernel,
-                                     normal_init, project_out_in)
+                                     materialised_transpose, normal_init, project_out_in)
 from gorilla_jax.sharding import active_mesh, logical_to_spec, with_logical_constraint
 
 # A large finite negative: exp() underflows to exactly 0 without the NaNs of -inf on empty rows.
@@ -133,22 +133,17 @@ def _grouped_core_fwd(qh, kh, vh, mask, scale):
     return out, (qh, kh, vh, mask, probs)
 
 
-def _transposed(x):
-    """``x`` [..., M, T] -> [..., T, M], materialised: the barrier keeps XLA from folding the
-    transpose into the next product as a transposed operand (its slow generic-dot path)."""
-    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
-
-
 def _grouped_core_bwd(scale, res, d_out):
     qh, kh, vh, mask, probs = res
     dt = qh.dtype
     d_probs = jnp.einsum("bnmd,bntd->bnmt", d_out, vh, preferred_element_type=jnp.float32)
-    dv = jnp.einsum("bntm,bnmd->bntd", _transposed(probs.astype(dt)), d_out.astype(dt))
+    probs_t = materialised_transpose(probs.astype(dt), (0, 1, 3, 2))
+    dv = jnp.einsum("bntm,bnmd->bntd", probs_t, d_out.astype(dt))
     d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
     # masked scores are constants: no gradient, also on fully masked (uniform) rows
     d_scores = (_grouped_where(mask, d_scores, 0.0) * jnp.float32(scale)).astype(dt)
     dq = jnp.einsum("bnmt,bntd->bnmd", d_scores, kh)
-    dk = jnp.einsum("bntm,bnmd->bntd", _transposed(d_scores), qh)
+    dk = jnp.einsum("bntm,bnmd->bntd", materialised_transpose(d_scores, (0, 1, 3, 2)), qh)
     return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), None
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gorilla_jax.model.layers import unsplit
+from gorilla_jax.model.layers import materialised_transpose, unsplit
 from gorilla_jax.sharding import with_logical_constraint
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -87,12 +87,12 @@ def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_gr
         probs = probs * (1.0 + 2.0 * z_loss * lse)
     dlogits = ((probs - target.astype(jnp.float32)) * mask[:, None]).astype(hidden.dtype)
     dlogits = with_logical_constraint(dlogits, _LOGITS_AXES)
-    # d_head as [D, V] = rows^T dlogits, with the rows' transpose materialised (see
-    # model.layers._transposed_tokens): the fast (YNNPACK) product on CPU. A tied [V, D] head
-    # takes that product's transpose (32 MB for the 19M model) behind a barrier, so XLA does
-    # not fold it back into the product, which it ran over a transposed copy of dlogits
-    # ([B*S, V], 131 MB; tied head + loss temporaries 375 -> 156 MB).
-    rows_t = jax.lax.optimization_barrier(rows.T)
+    # d_head as [D, V] = rows^T dlogits, with the rows' transpose materialised: the fast
+    # (YNNPACK) product on CPU. A tied [V, D] head takes that product's transpose (32 MB for
+    # the 19M model) behind a barrier, so XLA does not fold it back into the product, which it
+    # ran over a transposed copy of dlogits ([B*S, V], 131 MB; tied head + loss temporaries
+    # 375 -> 156 MB).
+    rows_t = materialised_transpose(rows)
     d_head = jnp.einsum("dt,tv->dv", rows_t, dlogits, preferred_element_type=jnp.float32)
     if vocab_major:
         d_rows = jnp.einsum("tv,vd->td", dlogits, head)
