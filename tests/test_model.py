@@ -358,3 +358,50 @@ def test_swiglu_backward_equals_autodiff_of_the_plain_form(rows):
         assert g_.shape == w_.shape
         np.testing.assert_allclose(np.asarray(g_), np.asarray(w_), rtol=1e-4, atol=1e-4)
         assert float(jnp.abs(w_).max()) > 1.0
+
+
+@pytest.mark.parametrize("block", ["swiglu", "attention"])
+def test_backward_only_values_wait_for_the_backward(block, monkeypatch):
+    # layers.computed_after gives the hand-written backward passes' residuals a data dependency
+    # on the incoming cotangent; without it XLA:CPU computes the SwiGLU activations, their
+    # transposes and the attention probabilities' transpose during the forward pass and keeps
+    # them alive through the following layers: more temporaries for the same gradients.
+    if jax.default_backend() != "cpu":
+        pytest.skip("the schedule checked here is XLA:CPU's")
+    from gorilla_jax.model import attention, layers
+    rng = np.random.default_rng(4)
+    B, S, D, F, H, KV, L = 4, 64, 64, 256, 4, 2, 4
+    Dh = D // H
+    mask = attention.build_mask(S)
+    if block == "swiglu":
+        ws = [tuple(jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32)
+                    for s in ((D, F), (D, F), (F, D))) for _ in range(L)]
+
+        def f(x, ws):
+            for wg, wu, wd in ws:
+                x = x + layers.swiglu(x, wg, wu, wd)
+            return jnp.sum(jnp.sin(x))
+    else:
+        ws = [jnp.asarray(rng.standard_normal((D, D)) * 0.1, jnp.float32) for _ in range(L)]
+
+        def f(x, ws):
+            for w in ws:
+                q = (x @ w).reshape(B, S, H, Dh)
+                kv = x.reshape(B, S, H, Dh)[:, :, :KV]
+                x = x + attention.dot_product_attention(q, kv, kv, mask, jnp.float32).reshape(B, S, D)
+            return jnp.sum(jnp.sin(x))
+
+    x = jnp.asarray(rng.standard_normal((B, S, D)), jnp.float32)
+
+    def temp_and_grads():
+        grad = jax.jit(jax.grad(f, (0, 1)))
+        temp = grad.lower(x, ws).compile().memory_analysis().temp_size_in_bytes
+        return temp, jax.tree.leaves(grad(x, ws))
+
+    temp, grads = temp_and_grads()
+    monkeypatch.setattr(layers, "computed_after", lambda x, dependency: x)
+    monkeypatch.setattr(attention, "computed_after", lambda x, dependency: x)
+    temp_eager, grads_eager = temp_and_grads()
+    for g, g_eager in zip(grads, grads_eager):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_eager), rtol=1e-5, atol=1e-6)
+    assert temp < 0.85 * temp_eager, (temp, temp_eager)

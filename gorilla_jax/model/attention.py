@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 
 from gorilla_jax.config import ModelConfig
-from gorilla_jax.model.layers import (apply_rope, can_fuse, dtype_of, fused_projections, kernel,
-                                     materialised_transpose, normal_init, project_out_in)
+from gorilla_jax.model.layers import (apply_rope, can_fuse, computed_after, dtype_of,
+                                     fused_projections, kernel, materialised_transpose,
+                                     normal_init, project_out_in)
 from gorilla_jax.sharding import active_mesh, logical_to_spec, with_logical_constraint
 
 # A large finite negative: exp() underflows to exactly 0 without the NaNs of -inf on empty rows.
@@ -135,6 +136,7 @@ def _grouped_core_fwd(qh, kh, vh, mask, scale):
 
 def _grouped_core_bwd(scale, res, d_out):
     qh, kh, vh, mask, probs = res
+    probs = computed_after(probs, d_out)  # so its transpose is made here, not in the forward
     dt = qh.dtype
     d_probs = jnp.einsum("bnmd,bntd->bnmt", d_out, vh, preferred_element_type=jnp.float32)
     probs_t = materialised_transpose(probs.astype(dt), (0, 1, 3, 2))

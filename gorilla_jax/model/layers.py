@@ -216,8 +216,29 @@ def materialised_transpose(x, axes=None):
     return jax.lax.optimization_barrier(jnp.transpose(x, axes))
 
 
+def computed_after(x, dependency):
+    """``x + 0 * dependency[0, ..., 0]``: a data dependency, so that what is computed from the
+    result waits until ``dependency`` exists.
+
+    The hand-written backward passes use it on their forward residuals, with the incoming
+    cotangent: XLA:CPU otherwise computes their backward-only values (the SwiGLU activations
+    and their transposes, the attention probabilities' transpose) during the forward pass and
+    keeps them alive through the rest of it. Optimization barriers do not order XLA:CPU's ops;
+    data dependencies do. On the 19M benchmark step: temporaries 333 -> 282 MB. It changes no
+    finite value (``-0.0`` becomes ``0.0``); a non-finite element makes the result NaN, as the
+    gradient would be. Under a multi-device mesh it returns ``x``: that one element lives on one
+    device, and fetching it would be a collective.
+    """
+    mesh = active_mesh()
+    if mesh is not None and mesh.size > 1:
+        return x
+    return x + 0.0 * dependency[(0,) * dependency.ndim].astype(x.dtype)
+
+
 def _swiglu_bwd(res, dy):
     x, gate, up, wg, wu, wd = res
+    # the activations and x's transpose are computed here, in the backward (computed_after)
+    x, gate, up = (computed_after(r, dy) for r in (x, gate, up))
     sig = jax.nn.sigmoid(gate)
     silu = gate * sig
     h = silu * up
