@@ -145,3 +145,35 @@ def test_step_clips_and_updates_like_optax_on_the_mean_gradient(clip):
     # without a norm passed in, the transform computes it (and clips to it)
     clipped, _ = clip_by_global_norm(clip).update(grads, optax.EmptyState())
     np.testing.assert_allclose(float(optax.global_norm(clipped)), min(norm, clip), rtol=1e-5)
+
+
+def test_embedding_gradient_is_not_filled_during_the_forward(monkeypatch):
+    # model.layers.embedding_lookup starts the [V, D] gradient's zero fill only once the
+    # cotangent exists; autodiff's fill has no operands and XLA:CPU ran it early, so the buffer
+    # was alive beside the logits. Gradients equal autodiff's of jnp.take, repeated ids included.
+    if jax.default_backend() != "cpu":
+        pytest.skip("the schedule checked here is XLA:CPU's")
+    from gorilla_jax.model import llama
+    from gorilla_jax.train.step import _forward_sums
+    cfg = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    B, S = 4, 64
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (B, S)), jnp.int32)  # repeats
+    batch = {"input_ids": ids, "targets": jnp.roll(ids, -1, 1), "loss_mask": jnp.ones((B, S)),
+             "positions": jnp.broadcast_to(jnp.arange(S), (B, S)),
+             "segment_ids": jnp.ones((B, S), jnp.int32)}
+    params = init_params(cfg, jax.random.PRNGKey(0))
+
+    def temp_and_grads():
+        grad = jax.jit(jax.grad(lambda p: _forward_sums(model.apply, p, batch, 0.0)[0]))
+        return (grad.lower(params).compile().memory_analysis().temp_size_in_bytes,
+                grad(params)["embed_tokens"]["embedding"])
+
+    temp, grad = temp_and_grads()
+    monkeypatch.setattr(llama, "embedding_lookup", lambda table, i: jnp.take(table, i, axis=0))
+    temp_autodiff, grad_autodiff = temp_and_grads()
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(grad_autodiff), rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(grad[:64]).max()) > 0 and float(jnp.abs(grad[64:]).max()) == 0
+    embedding_bytes = cfg.vocab_size * cfg.hidden_size * 4
+    assert temp < temp_autodiff - 0.5 * embedding_bytes, (temp, temp_autodiff)

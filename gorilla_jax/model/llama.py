@@ -60,8 +60,8 @@ import numpy as np
 
 from gorilla_jax.config import ModelConfig
 from gorilla_jax.model.attention import Attention, build_cache_mask, build_mask
-from gorilla_jax.model.layers import (MLP, RMSNorm, dtype_of, normal_init, param, project_out_in,
-                                     rope_cos_sin)
+from gorilla_jax.model.layers import (MLP, RMSNorm, dtype_of, embedding_lookup, normal_init, param,
+                                     project_out_in, rope_cos_sin)
 from gorilla_jax.sharding import with_logical_constraint
 
 HIDDEN_AXES = ("batch", "length", "activation_embed")
@@ -138,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
             mask = build_cache_mask(cache_mask, index, S)
             layer_caches = list(zip(cache["k"], cache["v"]))
 
-        x = jnp.take(embedding, input_ids, axis=0).astype(dt)
+        x = embedding_lookup(embedding, input_ids).astype(dt)
         x = with_logical_constraint(x, HIDDEN_AXES)
         cos, sin = rope_cos_sin(cfg, positions)
 
