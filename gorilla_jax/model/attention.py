@@ -136,10 +136,10 @@ def _grouped_core_fwd(qh, kh, vh, mask, scale):
 
 def _grouped_core_bwd(scale, res, d_out):
     qh, kh, vh, mask, probs = res
+    probs = computed_after(probs, d_out)  # so its transpose is made here, not in the forward
     dt = qh.dtype
     d_probs = jnp.einsum("bnmd,bntd->bnmt", d_out, vh, preferred_element_type=jnp.float32)
-    # the transpose waits for d_out (else XLA:CPU makes it in the forward pass and keeps it)
-    probs_t = materialised_transpose(computed_after(probs, d_out).astype(dt), (0, 1, 3, 2))
+    probs_t = materialised_transpose(probs.astype(dt), (0, 1, 3, 2))
     dv = jnp.einsum("bntm,bnmd->bntd", probs_t, d_out.astype(dt))
     d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
     # masked scores are constants: no gradient, also on fully masked (uniform) rows
