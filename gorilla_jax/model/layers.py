@@ -185,29 +185,6 @@ class MLP(nn.Module):
 _H_AXES = ("batch", "length", "mlp")
 
 
-@jax.custom_vjp
-def swiglu(x, wg, wu, wd):
-    """``down(silu(x @ wg) * (x @ wu))`` for x [B, S, D], with a hand-written backward pass.
-
-    Autodiff's backward ran the weight gradients as generic dots over transposed copies that
-    it computed twice (once per layout) from the same elementwise expressions; here the
-    elementwise gradient is computed once, and the activations' transposes for the three
-    weight-gradient products are materialised (:func:`materialised_transpose`). Measured on the
-    19M benchmark shapes (four layers, forward + backward, 1024 rows): 93-100 -> 75-84 ms.
-    """
-    return _swiglu_fwd(x, wg, wu, wd)[0]
-
-
-def _swiglu_fwd(x, wg, wu, wd):
-    if can_fuse(("mlp",), x.shape[0] * x.shape[1]):
-        gate, up = fused_projections(x, (wg, wu), x.dtype)
-    else:
-        gate = jnp.einsum("bsd,df->bsf", x, wg)
-        up = jnp.einsum("bsd,df->bsf", x, wu)
-    h = with_logical_constraint(nn.silu(gate) * up, _H_AXES)
-    return jnp.einsum("bsf,fd->bsd", h, wd), (x, gate, up, wg, wu, wd)
-
-
 def materialised_transpose(x, axes=None):
     """``jnp.transpose(x, axes)``, written out: the optimization barrier keeps XLA from folding
     the transpose into the next product as a transposed operand, which XLA:CPU runs as a generic
@@ -236,25 +213,26 @@ def computed_after(x, dependency):
 
 
 @jax.custom_vjp
-def embedding_lookup(table, ids):
-    """``table[ids]`` (rows of a [V, D] table), whose gradient (zeros, then the rows' cotangents
-    added in) is only started once the cotangent exists (:func:`computed_after`): autodiff's
-    zero fill has no operands, and XLA:CPU ran it early in the forward pass, keeping the [V, D]
-    gradient buffer (33 MB for the 19M benchmark model) alive beside the logits."""
-    return jnp.take(table, ids, axis=0)
+def swiglu(x, wg, wu, wd):
+    """``down(silu(x @ wg) * (x @ wu))`` for x [B, S, D], with a hand-written backward pass.
+
+    Autodiff's backward ran the weight gradients as generic dots over transposed copies that
+    it computed twice (once per layout) from the same elementwise expressions; here the
+    elementwise gradient is computed once, and the activations' transposes for the three
+    weight-gradient products are materialised (:func:`materialised_transpose`). Measured on the
+    19M benchmark shapes (four layers, forward + backward, 1024 rows): 93-100 -> 75-84 ms.
+    """
+    return _swiglu_fwd(x, wg, wu, wd)[0]
 
 
-def _embedding_lookup_fwd(table, ids):
-    return jnp.take(table, ids, axis=0), (table, ids)
-
-
-def _embedding_lookup_bwd(res, ct):
-    table, ids = res
-    zeros = computed_after(jnp.zeros(table.shape, table.dtype), ct)
-    return zeros.at[ids].add(ct.astype(table.dtype)), None
-
-
-embedding_lookup.defvjp(_embedding_lookup_fwd, _embedding_lookup_bwd)
+def _swiglu_fwd(x, wg, wu, wd):
+    if can_fuse(("mlp",), x.shape[0] * x.shape[1]):
+        gate, up = fused_projections(x, (wg, wu), x.dtype)
+    else:
+        gate = jnp.einsum("bsd,df->bsf", x, wg)
+        up = jnp.einsum("bsd,df->bsf", x, wu)
+    h = with_logical_constraint(nn.silu(gate) * up, _H_AXES)
+    return jnp.einsum("bsf,fd->bsd", h, wd), (x, gate, up, wg, wu, wd)
 
 
 def _swiglu_bwd(res, dy):
@@ -276,6 +254,28 @@ def _swiglu_bwd(res, dy):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@jax.custom_vjp
+def embedding_lookup(table, ids):
+    """``table[ids]`` (rows of a [V, D] table), whose gradient (zeros, then the rows' cotangents
+    added in) is only started once the cotangent exists (:func:`computed_after`): autodiff's
+    zero fill has no operands, and XLA:CPU ran it early in the forward pass, keeping the [V, D]
+    gradient buffer (33 MB for the 19M benchmark model) alive beside the logits."""
+    return _embedding_lookup_fwd(table, ids)[0]
+
+
+def _embedding_lookup_fwd(table, ids):
+    return jnp.take(table, ids, axis=0), (table, ids)
+
+
+def _embedding_lookup_bwd(res, ct):
+    table, ids = res
+    zeros = computed_after(jnp.zeros(table.shape, table.dtype), ct)
+    return zeros.at[ids].add(ct.astype(table.dtype)), None
+
+
+embedding_lookup.defvjp(_embedding_lookup_fwd, _embedding_lookup_bwd)
 
 
 class Kernel(nn.Module):
