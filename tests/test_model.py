@@ -405,3 +405,26 @@ def test_backward_only_values_wait_for_the_backward(block, monkeypatch):
     for g, g_early in zip(grads, grads_early):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g_early), rtol=1e-5, atol=1e-6)
     assert temp < 0.85 * temp_early, (temp, temp_early)
+
+
+@pytest.mark.parametrize("name", ["gqa_6q_2kv_odd_sizes", "llama3_scaling"])
+def test_rope_cos_sin_computed_once_per_angle(name):
+    # rope_cos_sin spreads each angle's cos and sin to both halves of head_dim with a product;
+    # the values are exactly those of the elementwise form, and in the compiled gradient cos
+    # and sin each appear in one computation, not in every layer's q and k rotations.
+    from gorilla_jax.model.layers import rope_cos_sin, rope_inv_freq
+    cfg = PARITY_CONFIGS[name]
+    positions = jnp.asarray(np.random.default_rng(5).integers(0, 5000, (3, 7)), jnp.int32)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    cos, sin = jax.jit(lambda p: rope_cos_sin(cfg, p))(positions)
+    np.testing.assert_array_equal(np.asarray(cos), np.asarray(jax.jit(jnp.cos)(angles)))
+    np.testing.assert_array_equal(np.asarray(sin), np.asarray(jax.jit(jnp.sin)(angles)))
+    if jax.default_backend() != "cpu":
+        return  # the fusion checked below is XLA:CPU's
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.zeros((2, 9), jnp.int32)
+    hlo = _loss_and_grad(cfg, ids).lower(params).compile().as_text()
+    computations = hlo.split("\n\n")
+    assert sum(" cosine(" in c for c in computations) == 1
+    assert sum(" sine(" in c for c in computations) == 1
