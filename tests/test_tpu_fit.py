@@ -85,14 +85,17 @@ def test_tiny_fit_cli_json_does_not_fit(capsys):
 
     n = count_params(abstract_params(cfg.model))
     assert out["argument_bytes"] == pytest.approx(12 * n + 5 * 65536 * seq * 4 // 4, rel=0.01)
-    # Tiny: no remat, no scan: the executed matmuls are exactly the model formula
+    # Tiny: no remat, no scan: the executed matmuls are the model formula plus the product
+    # that spreads RoPE's cos and sin ([2, tokens, Dh/2] x [Dh/2, Dh], layers.rope_cos_sin)
     from gorilla_jax.train.metrics import flops_per_step
 
     formula = flops_per_step(cfg.model, 65536, seq)
+    dh = cfg.model.resolved_head_dim
+    rope = 2 * (2 * 65536 * seq) * (dh // 2) * dh
     assert out["flops_per_step"] == formula
-    assert out["program_flops_per_step"] == pytest.approx(formula, rel=1e-9)
-    assert out["predicted_step_seconds"] == pytest.approx(formula / (4 * 197e12), rel=1e-9)
-    assert out["predicted_mfu"] == pytest.approx(1.0)
+    assert out["program_flops_per_step"] == pytest.approx(formula + rope, rel=1e-9)
+    assert out["predicted_step_seconds"] == pytest.approx((formula + rope) / (4 * 197e12), rel=1e-9)
+    assert out["predicted_mfu"] == pytest.approx(formula / (formula + rope), rel=1e-9)
     assert out["chip_hours"] == pytest.approx(1000 * out["predicted_step_seconds"] * 4 / 3600)
     over = (out["hbm_bytes_per_chip"] - out["hbm_capacity_bytes"]) / GIB
     assert out["suggestions"][0].startswith(f"needs {over:.2f} GiB more than the 15.75 GiB")
