@@ -88,9 +88,9 @@ def rope_cos_sin(cfg: ModelConfig, positions):
     product with ``[I I]`` (exact: every output is one input times 1.0 plus zeros). Written as
     elementwise ops, cos and sin were fused into their consumers, the q and k rotations of every
     layer, forward and backward, and recomputed for every head there: on XLA:CPU a scalar libm
-    call per element, about 1.3% of the 19M benchmark step's CPU time (docs/PERFORMANCE.md). A
-    product is an op XLA fuses into nothing, and optimization barriers do not stop that fusion
-    on XLA:CPU.
+    call per element, about 1.3% of the 19M benchmark step's CPU time (docs/PERFORMANCE.md).
+    XLA:CPU fuses no elementwise op into a product's consumers through the product; an
+    optimization barrier around cos and sin left the compiled step unchanged.
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, Dh/2]
