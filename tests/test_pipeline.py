@@ -123,6 +123,15 @@ def test_resume_sees_exactly_the_uninterrupted_batches(tok):
     assert np.array_equal(np.concatenate([next(t)["input_ids"] for t in two]), nxt["input_ids"])
 
 
+def test_pipeline_runs_without_tf_data_autotuning(tok):
+    # With tf.data's autotuning on, deleting an iterator waited (holding the GIL) for the
+    # autotuning thread's next wake-up: up to tens of seconds for a long-lived training
+    # iterator (the end of `gorilla-jax run`'s training stalled 24-27 s). The pipeline turns
+    # autotuning off, for training and evaluation alike.
+    for pipe in (make(tok, num_epochs=None), make(tok, shuffle=False, num_epochs=1)):
+        assert pipe.dataset(Position(0, 0)).options().autotune.enabled is False
+
+
 def test_epoch_dependent_source(tok):
     """A source function is called per epoch (e.g. retrieval modes redrawn each epoch)."""
     calls = []
