@@ -13,8 +13,9 @@ independent of how many hosts read it:
    ``jax.make_array_from_process_local_data`` expects. A host materialises only its own rows.
 4. tf.data streams the host's batches epoch after epoch (``flat_map`` over epochs; a
    deterministic parallel ``map`` whose ``numpy_function`` fills a few batches at a time;
-   ``prefetch``; tf.data's autotuning off, see :meth:`PackedPipeline.dataset`) and yields dicts of numpy arrays ``[h, seq_len]``: ``input_ids``, ``targets``,
-   ``loss_mask``, ``segment_ids``, ``positions``.
+   ``prefetch``; tf.data's autotuning off, see :meth:`PackedPipeline.dataset`) and yields
+   dicts of numpy arrays ``[h, seq_len]``: ``input_ids``, ``targets``, ``loss_mask``,
+   ``segment_ids``, ``positions``.
 
 The config glue at the end (:func:`build_train_pipeline`, :func:`build_eval_pipeline`) goes
 config -> APIBench examples -> retriever-aware training texts -> this pipeline.
@@ -267,12 +268,11 @@ class PackedPipeline:
 
         ds = tf.data.Dataset.range(start.epoch, end).flat_map(epoch_batches)
         ds = ds.prefetch(self.prefetch if self.prefetch > 0 else tf.data.AUTOTUNE)
-        # No autotuning thread. Deleting an iterator waited for that thread's next wake-up,
-        # which comes later the longer the iterator lived, with the GIL held: the end of a
-        # 200-step training run stalled for 24-27 s in 12 of 14 runs of `gorilla-jax run`. The
-        # AUTOTUNE values above then mean one parallel call per core and a fixed prefetch
-        # buffer; the map is a GIL-bound numpy_function, and its ~4 ms per batch of the tiny
-        # config (400 batches in 1.6-2.0 s) was the same with autotuning on.
+        # No autotuning thread. Deleting an iterator waited, with the GIL held, for that
+        # thread to wake up: the end of a one-minute, 200-step training run stalled for 24-27 s
+        # in 12 of 14 runs of `gorilla-jax run`. The map's AUTOTUNE parallelism still gives one
+        # call per core (at most 2 at once on 2 cores, as with autotuning on), and the tiny
+        # config's batches still take ~4 ms each (400 in 1.6-2.0 s, as with autotuning on).
         options = tf.data.Options()
         options.autotune.enabled = False
         return ds.with_options(options)
