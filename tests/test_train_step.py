@@ -1,4 +1,6 @@
 """Optimizer from config, the loss, and gradient accumulation."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +179,68 @@ def test_embedding_gradient_is_not_filled_during_the_forward(monkeypatch):
     assert float(jnp.abs(grad[:64]).max()) > 0 and float(jnp.abs(grad[64:]).max()) == 0
     embedding_bytes = cfg.vocab_size * cfg.hidden_size * 4
     assert temp < temp_autodiff - 0.5 * embedding_bytes, (temp, temp_autodiff)
+
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of_temporaries(tied):
+    # With a donated workspace the step writes the [B*S, V] logits (and their gradient, in
+    # place) into the workspace's buffer, which it returns, instead of into its temporaries.
+    from gorilla_jax.train.step import logits_workspace
+
+    cfg = dataclasses.replace(TINY, vocab_size=4096, tie_word_embeddings=tied)
+    B, S = 8, 64  # the [512, 4096] logits (8 MiB) dwarf the rest of the step's temporaries
+    batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(7), B, S))
+    model = LlamaForCausalLM(cfg)
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10,
+                         init_params(cfg, jax.random.PRNGKey(1)))
+
+    def state():
+        params = init_params(cfg, jax.random.PRNGKey(1))
+        return TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
+                          rng=jax.random.PRNGKey(0))
+
+    fn = make_train_step(model.apply, opt)
+    plain = jax.jit(fn, donate_argnums=(0,))
+    with_ws = jax.jit(fn, donate_argnums=(0, 2), keep_unused=True)
+    ws = logits_workspace(B, S, cfg.vocab_size, jnp.float32)
+    logits_bytes = B * S * cfg.vocab_size * 4
+    m_plain = plain.lower(state(), batch).compile().memory_analysis()
+    m_ws = with_ws.lower(state(), batch, ws).compile().memory_analysis()
+    # no [B*S, V] array is left among the temporaries (the others reuse some of its room)
+    assert m_ws.temp_size_in_bytes < logits_bytes <= m_plain.temp_size_in_bytes
+    assert m_plain.temp_size_in_bytes - m_ws.temp_size_in_bytes > 0.9 * logits_bytes
+    assert m_ws.alias_size_in_bytes - m_plain.alias_size_in_bytes == logits_bytes  # reused in place
+
+    s1, s2 = state(), state()
+    for _ in range(2):
+        logits = model.apply({"params": s1.params}, batch["input_ids"],
+                             positions=batch["positions"], segment_ids=batch["segment_ids"])
+        s1, m1 = plain(s1, batch)
+        s2, m2, ws = with_ws(s2, batch, ws)
+        assert float(m1["loss"]) == float(m2["loss"])
+        assert float(m1["grad_norm"]) == float(m2["grad_norm"])
+        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # the workspace holds this step's logits gradient: mask * (softmax - onehot)
+        want = (jax.nn.softmax(logits, -1) - jax.nn.one_hot(batch["targets"], cfg.vocab_size)) \
+            * batch["loss_mask"][..., None]
+        np.testing.assert_allclose(np.asarray(ws), np.asarray(want).reshape(B * S, -1), atol=1e-6)
+
+
+def test_logits_workspace_is_checked_and_used_only_where_it_helps():
+    from gorilla_jax.train.step import logits_workspace, uses_logits_workspace
+
+    assert uses_logits_workspace(1, "cpu") and not uses_logits_workspace(2, "cpu")
+    assert not uses_logits_workspace(1, "tpu") and not uses_logits_workspace(1, "gpu")
+    batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(7), 4, 16))
+    model = LlamaForCausalLM(TINY)
+    params = init_params(TINY, jax.random.PRNGKey(1))
+    opt = optax.sgd(0.1)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
+                       rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"float32\[64, 97\]"):  # rows of another batch size
+        make_train_step(model.apply, opt)(state, batch, logits_workspace(2, 16, 97, jnp.float32))
+    with pytest.raises(ValueError, match="micro_batches = 1, not 2"):
+        make_train_step(model.apply, opt, micro_batches=2)(
+            state, batch, logits_workspace(4, 16, 97, jnp.float32))

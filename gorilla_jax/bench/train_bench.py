@@ -2,8 +2,8 @@
 
 - Model: a :class:`~gorilla_jax.config.ModelConfig`; JAX runs the project's own
   ``LlamaForCausalLM`` and train step (``make_train_step`` + ``make_optimizer``, jit with the
-  state donated), PyTorch runs transformers' ``LlamaForCausalLM`` (eager, or the model and its
-  loss under ``torch.compile``).
+  state donated, and on CPU the logits workspace, as the train loop runs it), PyTorch runs
+  transformers' ``LlamaForCausalLM`` (eager, or the model and its loss under ``torch.compile``).
 - Weights: one seeded set drawn in numpy under HF tensor names (normal(initializer_range),
   norm scales 1) and loaded into both, so the first step's loss agrees across frameworks.
 - Data: ``num_batches`` seeded batches of random token ids [B, S] cycled in the same order;
@@ -145,7 +145,9 @@ class JaxTrainRunner:
         from gorilla_jax.config import OptimizerConfig
         from gorilla_jax.model import LlamaForCausalLM, count_params, hf_to_params
         from gorilla_jax.train.optimizer import make_optimizer
-        from gorilla_jax.train.step import TrainState, make_train_step
+        from gorilla_jax.model.layers import dtype_of
+        from gorilla_jax.train.step import (TrainState, logits_workspace, make_train_step,
+                                            uses_logits_workspace)
 
         spec = self.spec
         rss0 = current_rss_bytes()
@@ -158,9 +160,13 @@ class JaxTrainRunner:
         optimizer = make_optimizer(opt_cfg, 1 << 30, params)
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=optimizer.init(params), rng=jax.random.PRNGKey(spec.seed))
-        self._step = jax.jit(make_train_step(LlamaForCausalLM(cfg).apply, optimizer),
-                             donate_argnums=(0,))
+        step = make_train_step(LlamaForCausalLM(cfg).apply, optimizer)
         B, S = spec.batch, spec.seq
+        # as the train loop does: on CPU the logits live in a donated workspace (train/step.py)
+        self._workspace = (logits_workspace(B, S, cfg.vocab_size, dtype_of(cfg.dtype))
+                           if uses_logits_workspace() else None)
+        self._step = jax.jit(step, donate_argnums=(0,) if self._workspace is None else (0, 2),
+                             keep_unused=True)
         segments = np.ones((B, S), np.int32)
         positions = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
         self.batches = [jax.device_put({**b, "segment_ids": segments, "positions": positions})
@@ -187,7 +193,11 @@ class JaxTrainRunner:
             batch = self.batches[self._i % len(self.batches)]
             self._i += 1
             c0, t0 = time.process_time(), time.perf_counter()
-            self.state, metrics = self._step(self.state, batch)
+            if self._workspace is None:
+                self.state, metrics = self._step(self.state, batch)
+            else:
+                self.state, metrics, self._workspace = self._step(self.state, batch,
+                                                                  self._workspace)
             loss = float(jax.block_until_ready(metrics["loss"]))
             out.wall.append(time.perf_counter() - t0)
             out.cpu.append(time.process_time() - c0)
@@ -215,7 +225,9 @@ class JaxTrainRunner:
             self.run(n)
         finally:
             jax.profiler.stop_trace()
-        hlo = self._step.lower(self.state, self.batches[0]).compile().as_text()
+        ws = () if self._workspace is None else (self._workspace,)
+        args = (self.state, self.batches[0]) + ws
+        hlo = self._step.lower(*args).compile().as_text()
         from pathlib import Path
 
         (Path(trace_dir) / "train_step.hlo.txt").write_text(hlo)

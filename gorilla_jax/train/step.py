@@ -13,7 +13,8 @@ on CPU: 25% less step time, 30% with the gathered target logit; docs/PERFORMANCE
 gradient accumulation (``micro_batches`` > 1) the batch is split along its first axis, the
 micro-batches' summed losses and gradients are accumulated in a ``lax.scan``, and the sums are
 divided by the total token count once, so 4 micro-batches of 2 give the same update as one
-batch of 8.
+batch of 8. On CPU the loop also passes a logits workspace through the step
+(:func:`uses_logits_workspace`).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def token_loss_sums(logits, targets, loss_mask, z_loss: float = 0.0):
 # gradient over the logits in place; it did not for the [B, S, V] form (19M benchmark step:
 # 410 -> 318 MB of temporaries; docs/PERFORMANCE.md). The token axis keeps the batch's sharding
 # ("length" is never split).
-_LOGITS_AXES = ("batch", "vocab")
+LOGITS_AXES = ("batch", "vocab")
 
 
 def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_grads):
@@ -64,7 +65,7 @@ def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_gr
     targets = targets.reshape(B * S)
     spec = "td,vd->tv" if vocab_major else "td,dv->tv"
     logits = jnp.einsum(spec, rows, head, preferred_element_type=jnp.float32)
-    logits = with_logical_constraint(logits, _LOGITS_AXES)
+    logits = with_logical_constraint(logits, LOGITS_AXES)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
     if unsplit(("vocab",)):  # a gather of B*S values; no [B*S, V] select pass
@@ -75,7 +76,7 @@ def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_gr
     ce = jnp.sum((lse[:, 0] - target_logit) * mask)
     zl = jnp.sum(z_loss * jnp.square(lse[:, 0]) * mask) if z_loss else jnp.zeros((), jnp.float32)
     if not with_grads:
-        return ce, zl, None
+        return ce, zl, None, None
     # The gradient overwrites the logits in place only if it is computed after the target
     # logits are read. XLA:CPU orders its ops by data dependencies (not by optimization
     # barriers), so lse takes one on the target logits: adding 0 * target_logit (kept for
@@ -86,7 +87,7 @@ def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_gr
     if z_loss:
         probs = probs * (1.0 + 2.0 * z_loss * lse)
     dlogits = ((probs - target.astype(jnp.float32)) * mask[:, None]).astype(hidden.dtype)
-    dlogits = with_logical_constraint(dlogits, _LOGITS_AXES)
+    dlogits = with_logical_constraint(dlogits, LOGITS_AXES)
     # d_head as [D, V] = rows^T dlogits, with the rows' transpose materialised: the fast
     # (YNNPACK) product on CPU. A tied [V, D] head takes that product's transpose (32 MB for
     # the 19M model) behind a barrier, so XLA does not fold it back into the product, which it
@@ -99,12 +100,13 @@ def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_gr
         d_head = jax.lax.optimization_barrier(d_head).T
     else:
         d_rows = jnp.einsum("tv,dv->td", dlogits, head)
-    return ce, zl, (d_rows.reshape(B, S, D).astype(hidden.dtype), d_head.astype(head.dtype))
+    grads = (d_rows.reshape(B, S, D).astype(hidden.dtype), d_head.astype(head.dtype))
+    return ce, zl, grads, dlogits
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def head_loss_sums(hidden, head, targets, loss_mask, z_loss: float = 0.0,
-                   vocab_major: bool = False):
+                   vocab_major: bool = False, workspace=None):
     """The LM head and masked cross-entropy fused: ``(objective, (ce_sum, z_loss_sum))``.
 
     ``hidden`` [B, S, D] final-normed states in the compute dtype; ``head`` the head kernel in
@@ -114,23 +116,67 @@ def head_loss_sums(hidden, head, targets, loss_mask, z_loss: float = 0.0,
     The logits' softmax, logsumexp and the z-loss run in float32. Under differentiation the
     forward pass computes the gradients too and keeps only d_hidden and d_head (no [B, S, V]
     residual).
+
+    ``workspace``: None, or a [B*S, V] array in hidden's dtype (:func:`logits_workspace`); it
+    is then returned as a third reporting output, holding the logits' gradient under
+    differentiation (and unchanged without). Donated to the jitted step and fed back each
+    step, it gives XLA a buffer for the logits that stays mapped across steps (see
+    :func:`uses_logits_workspace`).
     """
-    ce, zl, _ = _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, False)
-    return ce + zl, (ce, zl)
+    _check_workspace(workspace, hidden, head, vocab_major)
+    ce, zl, _, _ = _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, False)
+    return ce + zl, (ce, zl) if workspace is None else (ce, zl, workspace)
 
 
-def _head_loss_fwd(hidden, head, targets, loss_mask, z_loss, vocab_major):
-    ce, zl, grads = _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, True)
-    return (ce + zl, (ce, zl)), grads
+def _head_loss_fwd(hidden, head, targets, loss_mask, z_loss, vocab_major, workspace=None):
+    _check_workspace(workspace, hidden, head, vocab_major)
+    ce, zl, grads, dlogits = _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major,
+                                           True)
+    return (ce + zl, (ce, zl) if workspace is None else (ce, zl, dlogits)), grads
 
 
 def _head_loss_bwd(z_loss, vocab_major, grads, cotangents):
     g = cotangents[0]
     d_hidden, d_head = grads
-    return d_hidden * g.astype(d_hidden.dtype), d_head * g.astype(d_head.dtype), None, None
+    return d_hidden * g.astype(d_hidden.dtype), d_head * g.astype(d_head.dtype), None, None, None
 
 
 head_loss_sums.defvjp(_head_loss_fwd, _head_loss_bwd)
+
+
+def _check_workspace(workspace, hidden, head, vocab_major):
+    if workspace is None:
+        return
+    B, S, _ = hidden.shape
+    want = (B * S, head.shape[0] if vocab_major else head.shape[1])
+    if tuple(workspace.shape) != want or workspace.dtype != hidden.dtype:
+        raise ValueError(f"logits workspace is {workspace.dtype}{list(workspace.shape)}; this "
+                         f"batch needs {hidden.dtype}{list(want)} ([batch * seq_len, vocab_size] "
+                         "in the compute dtype, see logits_workspace)")
+
+
+def uses_logits_workspace(micro_batches: int = 1, backend: str | None = None) -> bool:
+    """Whether the train loop hands the step a logits workspace: on the CPU backend, without
+    gradient accumulation.
+
+    XLA:CPU allocates a program's temporaries as one block per execution and frees it after;
+    glibc serves a block that large with a fresh ``mmap``, so the kernel faults in and zeroes
+    every page of the [B*S, V] logits again on each step. With the logits written into a
+    donated workspace that the step returns (and the loop feeds back), that memory stays
+    mapped (19M benchmark model: temporaries 245 -> 124 MB, step about 2.5% faster;
+    docs/PERFORMANCE.md). Accelerator allocators keep their memory pools, so there it would
+    only hold [B*S, V] of device memory for the whole run.
+    """
+    return (backend or jax.default_backend()) == "cpu" and micro_batches == 1
+
+
+def logits_workspace(batch_size: int, seq_len: int, vocab_size: int, dtype, sharding=None):
+    """Zeros [batch_size * seq_len, vocab_size] in the compute ``dtype`` (with ``sharding``,
+    created sharded): the ``workspace`` argument of the train step."""
+    shape = (batch_size * seq_len, vocab_size)
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def lm_head(params, dtype):
@@ -140,14 +186,15 @@ def lm_head(params, dtype):
     return params["embed_tokens"]["embedding"].astype(dtype), True
 
 
-def _forward_sums(apply_fn, params, batch, z_loss):
-    """(differentiable objective = ce + z-loss sums, ce sum, number of loss tokens)."""
+def _forward_sums(apply_fn, params, batch, z_loss, workspace=None):
+    """(differentiable objective = ce + z-loss sums, ce sum, number of loss tokens, the
+    logits workspace after the step or None)."""
     hidden = apply_fn({"params": params}, batch["input_ids"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"], return_hidden=True)
     head, vocab_major = lm_head(params, hidden.dtype)
-    objective, (ce, _) = head_loss_sums(hidden, head, batch["targets"], batch["loss_mask"],
-                                        float(z_loss), vocab_major)
-    return objective, ce, batch["loss_mask"].astype(jnp.float32).sum()
+    objective, (ce, _, *ws) = head_loss_sums(hidden, head, batch["targets"], batch["loss_mask"],
+                                             float(z_loss), vocab_major, workspace)
+    return objective, ce, batch["loss_mask"].astype(jnp.float32).sum(), (ws[0] if ws else None)
 
 
 def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
@@ -157,27 +204,35 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
 
     The optimizer's ``update`` gets the gradients' global norm as ``grad_norm=`` (used by
     :func:`gorilla_jax.train.optimizer.clip_by_global_norm`; other transforms ignore it).
+    ``train_step(state, batch, workspace) -> (state, metrics, workspace)`` with a logits
+    workspace (:func:`logits_workspace`; ``micro_batches`` = 1 only): jit it with the state
+    and the workspace donated and ``keep_unused=True`` (the step writes the workspace without
+    reading it, and jit would otherwise drop it, so the returned one would be a new buffer),
+    and pass the returned workspace to the next step.
     """
     optimizer = optax.with_extra_args_support(optimizer)
 
-    def sums_and_grads(params, batch):
+    def sums_and_grads(params, batch, workspace=None):
         def objective(p):
-            obj, ce, n = _forward_sums(apply_fn, p, batch, z_loss)
-            return obj, (ce, n)
+            obj, ce, n, ws = _forward_sums(apply_fn, p, batch, z_loss, workspace)
+            return obj, (ce, n, ws)
 
-        (_, (ce, n)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        return ce, n, grads
+        (_, (ce, n, ws)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return ce, n, grads, ws
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, workspace=None):
+        if workspace is not None and micro_batches != 1:
+            raise ValueError("a logits workspace needs train.micro_batches = 1, "
+                             f"not {micro_batches}")
         if micro_batches == 1:
-            ce, n, grads = sums_and_grads(state.params, batch)
+            ce, n, grads, workspace = sums_and_grads(state.params, batch, workspace)
         else:
             split = jax.tree.map(
                 lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
 
             def body(carry, micro):
                 ce_acc, n_acc, g_acc = carry
-                ce, n, g = sums_and_grads(state.params, micro)
+                ce, n, g, _ = sums_and_grads(state.params, micro)
                 return (ce_acc + ce, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -197,6 +252,8 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   rng=jax.random.fold_in(state.rng, state.step))
+        if workspace is not None:
+            return new_state, metrics, workspace
         return new_state, metrics
 
     return train_step
@@ -206,7 +263,7 @@ def make_eval_step(apply_fn: Callable):
     """Return ``eval_step(params, batch) -> {'loss_sum', 'tokens'}`` for held-out loss."""
 
     def eval_step(params, batch):
-        _, ce, n = _forward_sums(apply_fn, params, batch, 0.0)
+        _, ce, n, _ = _forward_sums(apply_fn, params, batch, 0.0)
         return {"loss_sum": ce, "tokens": n}
 
     return eval_step
