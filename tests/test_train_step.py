@@ -232,6 +232,7 @@ def test_logits_workspace_is_checked_and_used_only_where_it_helps():
     from gorilla_jax.train.step import logits_workspace, uses_logits_workspace
 
     assert uses_logits_workspace(1, "cpu") and not uses_logits_workspace(2, "cpu")
+    assert not uses_logits_workspace(1, "cpu", "bfloat16")
     assert not uses_logits_workspace(1, "tpu") and not uses_logits_workspace(1, "gpu")
     batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(7), 4, 16))
     model = LlamaForCausalLM(TINY)

@@ -164,7 +164,7 @@ class JaxTrainRunner:
         B, S = spec.batch, spec.seq
         # as the train loop does: on CPU the logits live in a donated workspace (train/step.py)
         self._workspace = (logits_workspace(B, S, cfg.vocab_size, dtype_of(cfg.dtype))
-                           if uses_logits_workspace() else None)
+                           if uses_logits_workspace(dtype=cfg.dtype) else None)
         self._step = jax.jit(step, donate_argnums=(0,) if self._workspace is None else (0, 2),
                              keep_unused=True)
         segments = np.ones((B, S), np.int32)

@@ -194,7 +194,7 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
                               z_loss=cfg.optimizer.z_loss, schedule=schedule)
     workspace = None  # the logits' buffer, kept mapped across steps on CPU (see step.py)
     with sharding.activate(mesh):
-        if uses_logits_workspace(t.micro_batches):
+        if uses_logits_workspace(t.micro_batches, dtype=cfg.model.dtype):
             ws_shape = (t.global_batch_size * cfg.data.seq_len, cfg.model.vocab_size)
             ws_sh = NamedSharding(mesh, sharding.logical_to_spec(LOGITS_AXES, mesh, shape=ws_shape))
             workspace = logits_workspace(t.global_batch_size, cfg.data.seq_len,

@@ -155,9 +155,10 @@ def _check_workspace(workspace, hidden, head, vocab_major):
                          "in the compute dtype, see logits_workspace)")
 
 
-def uses_logits_workspace(micro_batches: int = 1, backend: str | None = None) -> bool:
-    """Whether the train loop hands the step a logits workspace: on the CPU backend, without
-    gradient accumulation.
+def uses_logits_workspace(micro_batches: int = 1, backend: str | None = None,
+                          dtype: str = "float32") -> bool:
+    """Whether the train loop hands the step a logits workspace: on the CPU backend, with
+    float32 compute (``model.dtype``), without gradient accumulation.
 
     XLA:CPU allocates a program's temporaries as one block per execution and frees it after;
     glibc serves a block that large with a fresh ``mmap``, so the kernel faults in and zeroes
@@ -165,9 +166,12 @@ def uses_logits_workspace(micro_batches: int = 1, backend: str | None = None) ->
     donated workspace that the step returns (and the loop feeds back), that memory stays
     mapped (19M benchmark model: temporaries 245 -> 124 MB, step about 2.5% faster;
     docs/PERFORMANCE.md). Accelerator allocators keep their memory pools, so there it would
-    only hold [B*S, V] of device memory for the whole run.
+    only hold [B*S, V] of device memory for the whole run. With a 16-bit compute dtype the
+    workspace holds the 16-bit gradient while the float32 logits stay a temporary (the
+    gradient is not written over them), so it would save nothing.
     """
-    return (backend or jax.default_backend()) == "cpu" and micro_batches == 1
+    return ((backend or jax.default_backend()) == "cpu" and micro_batches == 1
+            and str(dtype) == "float32")
 
 
 def logits_workspace(batch_size: int, seq_len: int, vocab_size: int, dtype, sharding=None):
