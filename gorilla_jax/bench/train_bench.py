@@ -165,8 +165,10 @@ class JaxTrainRunner:
         # as the train loop does: on CPU the logits live in a donated workspace (train/step.py)
         self._workspace = (logits_workspace(B, S, cfg.vocab_size, dtype_of(cfg.dtype))
                            if uses_logits_workspace(dtype=cfg.dtype) else None)
-        self._step = jax.jit(step, donate_argnums=(0,) if self._workspace is None else (0, 2),
-                             keep_unused=True)
+        if self._workspace is None:
+            self._step = jax.jit(step, donate_argnums=(0,))
+        else:
+            self._step = jax.jit(step, donate_argnums=(0, 2), keep_unused=True)
         segments = np.ones((B, S), np.int32)
         positions = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
         self.batches = [jax.device_put({**b, "segment_ids": segments, "positions": positions})
