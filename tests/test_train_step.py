@@ -181,12 +181,11 @@ def test_embedding_gradient_is_not_filled_during_the_forward(monkeypatch):
     assert temp < temp_autodiff - 0.5 * embedding_bytes, (temp, temp_autodiff)
 
 
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of_temporaries(tied):
     # With a donated workspace the step writes the [B*S, V] logits (and their gradient, in
     # place) into the workspace's buffer, which it returns, instead of into its temporaries.
-    from gorilla_jax.train.step import logits_workspace
+    from gorilla_jax.train.step import JittedTrainStep, logits_workspace
 
     cfg = dataclasses.replace(TINY, vocab_size=4096, tie_word_embeddings=tied)
     B, S = 8, 64  # the [512, 4096] logits (8 MiB) dwarf the rest of the step's temporaries
@@ -201,12 +200,11 @@ def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of
                           rng=jax.random.PRNGKey(0))
 
     fn = make_train_step(model.apply, opt)
-    plain = jax.jit(fn, donate_argnums=(0,))
-    with_ws = jax.jit(fn, donate_argnums=(0, 2), keep_unused=True)
-    ws = logits_workspace(B, S, cfg.vocab_size, jnp.float32)
+    plain = JittedTrainStep(fn)
+    with_ws = JittedTrainStep(fn, logits_workspace(B, S, cfg.vocab_size, jnp.float32))
     logits_bytes = B * S * cfg.vocab_size * 4
     m_plain = plain.lower(state(), batch).compile().memory_analysis()
-    m_ws = with_ws.lower(state(), batch, ws).compile().memory_analysis()
+    m_ws = with_ws.lower(state(), batch).compile().memory_analysis()
     # no [B*S, V] array is left among the temporaries (the others reuse some of its room)
     assert m_ws.temp_size_in_bytes < logits_bytes <= m_plain.temp_size_in_bytes
     assert m_plain.temp_size_in_bytes - m_ws.temp_size_in_bytes > 0.9 * logits_bytes
@@ -217,7 +215,7 @@ def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of
         logits = model.apply({"params": s1.params}, batch["input_ids"],
                              positions=batch["positions"], segment_ids=batch["segment_ids"])
         s1, m1 = plain(s1, batch)
-        s2, m2, ws = with_ws(s2, batch, ws)
+        s2, m2 = with_ws(s2, batch)
         assert float(m1["loss"]) == float(m2["loss"])
         assert float(m1["grad_norm"]) == float(m2["grad_norm"])
         for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
@@ -225,7 +223,8 @@ def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of
         # the workspace holds this step's logits gradient: mask * (softmax - onehot)
         want = (jax.nn.softmax(logits, -1) - jax.nn.one_hot(batch["targets"], cfg.vocab_size)) \
             * batch["loss_mask"][..., None]
-        np.testing.assert_allclose(np.asarray(ws), np.asarray(want).reshape(B * S, -1), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(with_ws.workspace),
+                                   np.asarray(want).reshape(B * S, -1), atol=1e-6)
 
 
 def test_logits_workspace_is_checked_and_used_only_where_it_helps():

@@ -146,8 +146,8 @@ class JaxTrainRunner:
         from gorilla_jax.model import LlamaForCausalLM, count_params, hf_to_params
         from gorilla_jax.train.optimizer import make_optimizer
         from gorilla_jax.model.layers import dtype_of
-        from gorilla_jax.train.step import (TrainState, logits_workspace, make_train_step,
-                                            uses_logits_workspace)
+        from gorilla_jax.train.step import (JittedTrainStep, TrainState, logits_workspace,
+                                            make_train_step, uses_logits_workspace)
 
         spec = self.spec
         rss0 = current_rss_bytes()
@@ -163,12 +163,9 @@ class JaxTrainRunner:
         step = make_train_step(LlamaForCausalLM(cfg).apply, optimizer)
         B, S = spec.batch, spec.seq
         # as the train loop does: on CPU the logits live in a donated workspace (train/step.py)
-        self._workspace = (logits_workspace(B, S, cfg.vocab_size, dtype_of(cfg.dtype))
-                           if uses_logits_workspace(dtype=cfg.dtype) else None)
-        if self._workspace is None:
-            self._step = jax.jit(step, donate_argnums=(0,))
-        else:
-            self._step = jax.jit(step, donate_argnums=(0, 2), keep_unused=True)
+        workspace = (logits_workspace(B, S, cfg.vocab_size, dtype_of(cfg.dtype))
+                     if uses_logits_workspace(dtype=cfg.dtype) else None)
+        self._step = JittedTrainStep(step, workspace)
         segments = np.ones((B, S), np.int32)
         positions = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
         self.batches = [jax.device_put({**b, "segment_ids": segments, "positions": positions})
@@ -195,11 +192,7 @@ class JaxTrainRunner:
             batch = self.batches[self._i % len(self.batches)]
             self._i += 1
             c0, t0 = time.process_time(), time.perf_counter()
-            if self._workspace is None:
-                self.state, metrics = self._step(self.state, batch)
-            else:
-                self.state, metrics, self._workspace = self._step(self.state, batch,
-                                                                  self._workspace)
+            self.state, metrics = self._step(self.state, batch)
             loss = float(jax.block_until_ready(metrics["loss"]))
             out.wall.append(time.perf_counter() - t0)
             out.cpu.append(time.process_time() - c0)
@@ -227,9 +220,7 @@ class JaxTrainRunner:
             self.run(n)
         finally:
             jax.profiler.stop_trace()
-        ws = () if self._workspace is None else (self._workspace,)
-        args = (self.state, self.batches[0]) + ws
-        hlo = self._step.lower(*args).compile().as_text()
+        hlo = self._step.lower(self.state, self.batches[0]).compile().as_text()
         from pathlib import Path
 
         (Path(trace_dir) / "train_step.hlo.txt").write_text(hlo)

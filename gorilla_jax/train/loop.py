@@ -38,8 +38,9 @@ from gorilla_jax.model.layers import dtype_of
 from gorilla_jax.train import metrics as metrics_lib
 from gorilla_jax.train.checkpoints import RunCheckpointer, abstract_like
 from gorilla_jax.train.optimizer import make_optimizer, make_schedule
-from gorilla_jax.train.step import (BATCH_KEYS, LOGITS_AXES, TrainState, logits_workspace,
-                                    make_eval_step, make_train_step, uses_logits_workspace)
+from gorilla_jax.train.step import (BATCH_KEYS, LOGITS_AXES, JittedTrainStep, TrainState,
+                                    logits_workspace, make_eval_step, make_train_step,
+                                    uses_logits_workspace)
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +200,7 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
             ws_sh = NamedSharding(mesh, sharding.logical_to_spec(LOGITS_AXES, mesh, shape=ws_shape))
             workspace = logits_workspace(t.global_batch_size, cfg.data.seq_len,
                                          cfg.model.vocab_size, dtype_of(cfg.model.dtype), ws_sh)
-            jit_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, ws_sh),
-                               out_shardings=(state_sh, replicated, ws_sh), donate_argnums=(0, 2),
-                               keep_unused=True)
-        else:
-            jit_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                               out_shardings=(state_sh, replicated), donate_argnums=(0,))
+        jit_step = JittedTrainStep(step_fn, workspace, state_sh, batch_sh, replicated)
         jit_eval = jax.jit(make_eval_step(model.apply), in_shardings=(state_sh.params, batch_sh),
                            out_shardings=replicated)
 
@@ -262,10 +258,7 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
                     jax.profiler.start_trace(t.run_dir.rstrip("/") + "/profile")
                     profiling = True
                 batch = global_batch(next(data), batch_sh, t.global_batch_size)
-                if workspace is None:  # dispatched; runs while the host goes on
-                    state, m = jit_step(state, batch)
-                else:
-                    state, m, workspace = jit_step(state, batch, workspace)
+                state, m = jit_step(state, batch)  # dispatched; runs while the host goes on
                 step += 1
                 # The previous step's metrics are read only now, so the host's next batch and
                 # dispatch overlap the device's work instead of waiting for it.

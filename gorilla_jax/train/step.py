@@ -183,6 +183,45 @@ def logits_workspace(batch_size: int, seq_len: int, vocab_size: int, dtype, shar
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
+class JittedTrainStep:
+    """A train step under ``jax.jit`` with the state donated: ``step(state, batch) ->
+    (state, metrics)``.
+
+    With ``workspace`` (:func:`logits_workspace`) the step takes and returns it as well,
+    donated and jitted with ``keep_unused=True`` (the step writes the workspace without reading
+    it; jit would otherwise drop the argument, and the returned workspace would be a new
+    buffer every step); the workspace is kept here and fed back on every call. With
+    ``state_sharding``, ``batch_sharding`` and ``metrics_sharding``, those are the jit's in and
+    out shardings (the workspace keeps its own).
+    """
+
+    def __init__(self, step_fn: Callable, workspace=None, state_sharding=None,
+                 batch_sharding=None, metrics_sharding=None):
+        self.workspace = workspace
+        kw: dict = {}
+        if state_sharding is not None:
+            ins, outs = (state_sharding, batch_sharding), (state_sharding, metrics_sharding)
+            if workspace is not None:
+                ins, outs = ins + (workspace.sharding,), outs + (workspace.sharding,)
+            kw = {"in_shardings": ins, "out_shardings": outs}
+        if workspace is None:
+            self._jit = jax.jit(step_fn, donate_argnums=(0,), **kw)
+        else:
+            self._jit = jax.jit(step_fn, donate_argnums=(0, 2), keep_unused=True, **kw)
+
+    def _args(self, state, batch) -> tuple:
+        return (state, batch) if self.workspace is None else (state, batch, self.workspace)
+
+    def __call__(self, state, batch):
+        if self.workspace is None:
+            return self._jit(state, batch)
+        state, metrics, self.workspace = self._jit(state, batch, self.workspace)
+        return state, metrics
+
+    def lower(self, state, batch):
+        return self._jit.lower(*self._args(state, batch))
+
+
 def lm_head(params, dtype):
     """(head kernel in ``dtype``, vocab_major): ``lm_head/kernel`` [D,V], or the tied embedding [V,D]."""
     if "lm_head" in params:
@@ -209,10 +248,8 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
     The optimizer's ``update`` gets the gradients' global norm as ``grad_norm=`` (used by
     :func:`gorilla_jax.train.optimizer.clip_by_global_norm`; other transforms ignore it).
     ``train_step(state, batch, workspace) -> (state, metrics, workspace)`` with a logits
-    workspace (:func:`logits_workspace`; ``micro_batches`` = 1 only): jit it with the state
-    and the workspace donated and ``keep_unused=True`` (the step writes the workspace without
-    reading it, and jit would otherwise drop it, so the returned one would be a new buffer),
-    and pass the returned workspace to the next step.
+    workspace (:func:`logits_workspace`; ``micro_batches`` = 1 only); :class:`JittedTrainStep`
+    jits either form and feeds the workspace back.
     """
     optimizer = optax.with_extra_args_support(optimizer)
 
