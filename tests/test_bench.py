@@ -61,11 +61,47 @@ def test_head_loss_sums_equals_autodiff_of_the_plain_loss(vocab_major):
 
 
 @pytest.mark.parametrize("vocab_major", [False, True])
+def test_head_loss_sums_agree_with_the_vocabulary_split_over_devices(vocab_major):
+    # one device's vocabulary takes the exponentials-once path (target logits from the head's
+    # target vectors), a vocabulary split over a tensor axis the masked-sum path: same sums and
+    # gradients (z-loss and masked rows included)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from gorilla_jax.config import MeshConfig
+    from gorilla_jax.sharding import activate, make_mesh
+
+    rng = np.random.default_rng(3)
+    B, S, D, V, z = 4, 6, 16, 64, 1e-3
+    hidden = jnp.asarray(rng.normal(size=(B, S, D)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(V, D) if vocab_major else (D, V)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, (B, S)), jnp.int32)
+
+    def run(h, w):
+        return jax.jit(jax.value_and_grad(
+            lambda h, w: head_loss_sums(h, w, targets, mask, z, vocab_major), (0, 1),
+            has_aux=True))(h, w)
+
+    (want, (want_ce, want_zl)), want_g = run(hidden, head)
+    mesh = make_mesh(MeshConfig(data=4, fsdp=1, tensor=2))
+    with activate(mesh):
+        assert not layers.unsplit(("vocab",))
+        w_spec = P("tensor", None) if vocab_major else P(None, "tensor")
+        (got, (got_ce, got_zl)), got_g = run(
+            jax.device_put(hidden, NamedSharding(mesh, P("data"))),
+            jax.device_put(head, NamedSharding(mesh, w_spec)))
+    np.testing.assert_allclose([float(got), float(got_ce), float(got_zl)],
+                               [float(want), float(want_ce), float(want_zl)], rtol=1e-5)
+    for g, w in zip(got_g, want_g):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
 def test_head_gradient_is_written_over_the_logits(vocab_major):
-    # train/step.py arranges the head so that XLA:CPU computes softmax - onehot in the logits'
-    # own buffer: the compiled gradient's temporaries hold one [B*S, V] array, not two or three
-    # (a transposed copy of it, for the tied head). A jax/XLA upgrade that breaks this shows
-    # here first.
+    # train/step.py arranges the head so that XLA:CPU writes the exponentials (and the target
+    # correction) in the logits' own buffer: the compiled gradient's temporaries hold one
+    # [B*S, V] array, not two or three (a transposed copy of it, for the tied head). A jax/XLA
+    # upgrade that breaks this shows here first.
     if jax.default_backend() != "cpu":
         pytest.skip("the buffer sharing checked here is XLA:CPU's")
     B, S, D, V = 4, 64, 32, 8192
@@ -78,6 +114,25 @@ def test_head_gradient_is_written_over_the_logits(vocab_major):
     temp = grad.lower(hidden, head, targets, mask).compile().memory_analysis().temp_size_in_bytes
     logits_bytes = B * S * V * 4
     assert logits_bytes <= temp < 1.5 * logits_bytes, (temp, logits_bytes)
+
+
+def test_head_gradient_where_the_z_loss_factor_vanishes():
+    # the gradient is c * u with u's target entry corrected by s / (1 + 2 z lse): where that
+    # factor is exactly 0 the gradient is -onehot (softmax * 0 - onehot), not 0 * inf = NaN
+    from gorilla_jax.train.step import _exp_once_grads
+
+    logits = jnp.asarray([[-3.0, -4.0, -2.5, -6.0], [1.0, 2.0, 0.5, 0.0]], jnp.float32)
+    targets, mask = jnp.asarray([1, 2], jnp.int32), jnp.ones((2,), jnp.float32)
+    lse = _exp_once_grads(logits, targets, mask, 0.0)[0]
+    z = -0.5 / float(lse[0])
+    lse, u, c = _exp_once_grads(logits, targets, mask, z)
+    assert float(1.0 + 2.0 * z * lse[0]) == 0.0  # the case under test is reached
+    got = np.asarray(c[:, None] * u)
+    np.testing.assert_allclose(got[0], [0.0, -1.0, 0.0, 0.0], atol=1e-6)
+    x = np.asarray(logits, np.float64)[1]
+    p = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    np.testing.assert_allclose(got[1], p * (1 + 2 * z * float(lse[1])) - np.eye(4)[2], rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_head_loss_sums_with_logits_far_above_the_target():

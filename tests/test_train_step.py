@@ -220,11 +220,12 @@ def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of
         assert float(m1["grad_norm"]) == float(m2["grad_norm"])
         for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        # the workspace holds this step's logits gradient: mask * (softmax - onehot)
-        want = (jax.nn.softmax(logits, -1) - jax.nn.one_hot(batch["targets"], cfg.vocab_size)) \
-            * batch["loss_mask"][..., None]
-        np.testing.assert_allclose(np.asarray(with_ws.workspace),
-                                   np.asarray(want).reshape(B * S, -1), atol=1e-6)
+        # the workspace holds what the head-gradient products read: exp(logits - row max)
+        # with the row's sum of those taken off at the target (train/step.py _exp_once_grads)
+        e = np.exp(np.asarray(logits, np.float64)
+                   - np.asarray(logits, np.float64).max(-1, keepdims=True)).reshape(B * S, -1)
+        u = e - e.sum(-1, keepdims=True) * np.eye(cfg.vocab_size)[np.asarray(batch["targets"]).reshape(-1)]
+        np.testing.assert_allclose(np.asarray(with_ws.workspace), u, rtol=1e-5, atol=1e-5)
 
 
 def test_logits_workspace_is_checked_and_used_only_where_it_helps():

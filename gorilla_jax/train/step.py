@@ -7,9 +7,10 @@ examples; 0 is padding) and ``positions`` (restarting at 0 in every segment).
 The loss is the mean token cross-entropy over the masked tokens of the whole global batch. The
 model returns its final hidden states and :func:`head_loss_sums` applies the LM head and the
 cross-entropy as one custom-VJP function: its forward pass also computes the gradient of the
-logits (softmax - one-hot, in one fused pass over [B, S, V]) and the two head-gradient products,
-so autodiff never materialises the logits' backward graph (measured on the 19M benchmark model
-on CPU: 25% less step time, 30% with the gathered target logit; docs/PERFORMANCE.md). With
+logits (softmax - one-hot, with one exponential per logit, written over the logits) and the two
+head-gradient products, so autodiff never materialises the logits' backward graph (measured on
+the 19M benchmark model on CPU: 25% less step time, 30% with the gathered target logit;
+docs/PERFORMANCE.md). With
 gradient accumulation (``micro_batches`` > 1) the batch is split along its first axis, the
 micro-batches' summed losses and gradients are accumulated in a ``lax.scan``, and the sums are
 divided by the total token count once, so 4 micro-batches of 2 give the same update as one
@@ -51,57 +52,91 @@ def token_loss_sums(logits, targets, loss_mask, z_loss: float = 0.0):
 
 
 # The head works on one row per token, [B*S, ...]. With [B*S, V] logits (no [B, S, V] views of
-# them) and the target logits read first (see _head_forward), XLA:CPU writes the logits'
-# gradient over the logits in place; it did not for the [B, S, V] form (19M benchmark step:
-# 410 -> 318 MB of temporaries; docs/PERFORMANCE.md). The token axis keeps the batch's sharding
-# ("length" is never split).
+# them) XLA:CPU writes the logits' gradient (or, for a vocabulary on one device, the
+# exponentials it is made of) over the logits in place; it did not for the [B, S, V] form (19M
+# benchmark step: 410 -> 318 MB of temporaries; docs/PERFORMANCE.md). The token axis keeps the
+# batch's sharding ("length" is never split).
 LOGITS_AXES = ("batch", "vocab")
 
 
 def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_grads):
-    """Sums (ce, z-loss) and, with ``with_grads``, the gradients of ce + z-loss w.r.t. hidden, head."""
+    """Sums (ce, z-loss) and, with ``with_grads``, the gradients of ce + z-loss w.r.t. hidden,
+    head and the [B*S, V] array the two gradient products read (see :func:`_exp_once_grads`)."""
     B, S, D = hidden.shape
     rows = hidden.reshape(B * S, D)
-    targets = targets.reshape(B * S)
+    targets = targets.reshape(B * S).astype(jnp.int32)
+    mask = loss_mask.reshape(B * S).astype(jnp.float32)
     spec = "td,vd->tv" if vocab_major else "td,dv->tv"
     logits = jnp.einsum(spec, rows, head, preferred_element_type=jnp.float32)
     logits = with_logical_constraint(logits, LOGITS_AXES)
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
-    if unsplit(("vocab",)):  # a gather of B*S values; no [B*S, V] select pass
-        target_logit = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), -1)[:, 0]
+    whole_vocab = unsplit(("vocab",))
+    if whole_vocab:
+        # each row's target logit from the target's head vector (a gather of B*S vectors of
+        # D), not from the logits: the exponentials can then overwrite the logits in place
+        # without waiting for a read of them (XLA:CPU gave up the in-place write, and kept two
+        # [B*S, V] buffers, when the exponentials depended on a gather from the logits)
+        head_t = jnp.take(head, targets, axis=0 if vocab_major else 1)
+        head_t = head_t if vocab_major else head_t.T  # [B*S, D]
+        target_logit = jnp.sum(rows.astype(jnp.float32) * head_t.astype(jnp.float32), axis=-1)
     else:  # vocabulary split over devices: a masked sum reduces shard-locally, then all-reduces
+        target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
         target_logit = jnp.sum(jnp.where(target, logits, 0.0), axis=-1)
-    mask = loss_mask.reshape(B * S).astype(jnp.float32)
-    ce = jnp.sum((lse[:, 0] - target_logit) * mask)
-    zl = jnp.sum(z_loss * jnp.square(lse[:, 0]) * mask) if z_loss else jnp.zeros((), jnp.float32)
+    if with_grads and whole_vocab:
+        lse, dlogits, row_scale = _exp_once_grads(logits, targets, mask, z_loss)
+    else:
+        lse = jax.nn.logsumexp(logits, axis=-1)
+    ce = jnp.sum((lse - target_logit) * mask)
+    zl = jnp.sum(z_loss * jnp.square(lse) * mask) if z_loss else jnp.zeros((), jnp.float32)
     if not with_grads:
         return ce, zl, None, None
-    # The gradient overwrites the logits in place only if it is computed after the target
-    # logits are read. XLA:CPU orders its ops by data dependencies (not by optimization
-    # barriers), so lse takes one on the target logits: adding 0 * target_logit (kept for
-    # floats; it changes lse only where a logit is already inf or NaN).
-    lse = lse + 0.0 * target_logit[:, None]
-    # d(ce + zl)/dlogits = mask * (softmax * (1 + 2 z lse) - onehot), one pass over [B*S, V]
-    probs = jnp.exp(logits - lse)
-    if z_loss:
-        probs = probs * (1.0 + 2.0 * z_loss * lse)
-    dlogits = ((probs - target.astype(jnp.float32)) * mask[:, None]).astype(hidden.dtype)
-    dlogits = with_logical_constraint(dlogits, LOGITS_AXES)
+    if not whole_vocab:
+        # d(ce + zl)/dlogits = mask * (softmax * (1 + 2 z lse) - onehot), one pass over [B*S, V]
+        probs = jnp.exp(logits - lse[:, None])
+        if z_loss:
+            probs = probs * (1.0 + 2.0 * z_loss * lse[:, None])
+        dlogits = (probs - target.astype(jnp.float32)) * mask[:, None]
+        row_scale = None
+    dlogits = with_logical_constraint(dlogits.astype(hidden.dtype), LOGITS_AXES)
+    scaled_rows = rows if row_scale is None else (rows * row_scale[:, None]).astype(rows.dtype)
     # d_head as [D, V] = rows^T dlogits, with the rows' transpose materialised: the fast
     # (YNNPACK) product on CPU. A tied [V, D] head takes that product's transpose (32 MB for
     # the 19M model) behind a barrier, so XLA does not fold it back into the product, which it
     # ran over a transposed copy of dlogits ([B*S, V], 131 MB; tied head + loss temporaries
     # 375 -> 156 MB).
-    rows_t = materialised_transpose(rows)
+    rows_t = materialised_transpose(scaled_rows)
     d_head = jnp.einsum("dt,tv->dv", rows_t, dlogits, preferred_element_type=jnp.float32)
     if vocab_major:
-        d_rows = jnp.einsum("tv,vd->td", dlogits, head)
+        d_rows = jnp.einsum("tv,vd->td", dlogits, head, preferred_element_type=jnp.float32)
         d_head = jax.lax.optimization_barrier(d_head).T
     else:
-        d_rows = jnp.einsum("tv,dv->td", dlogits, head)
+        d_rows = jnp.einsum("tv,dv->td", dlogits, head, preferred_element_type=jnp.float32)
+    if row_scale is not None:
+        d_rows = d_rows * row_scale[:, None]
     grads = (d_rows.reshape(B, S, D).astype(hidden.dtype), d_head.astype(head.dtype))
     return ce, zl, grads, dlogits
+
+
+def _exp_once_grads(logits, targets, mask, z_loss):
+    """(lse [T], u [T, V], c [T]) with ``c[:, None] * u`` the gradient of ce + z-loss w.r.t. the
+    logits, ``mask * (softmax * (1 + 2 z lse) - onehot)``, for a vocabulary on one device.
+
+    ``u = exp(logits - max)`` with ``s / (1 + 2 z lse)`` taken off each row's target entry
+    (``s`` the row's sum of ``exp``), ``c = mask * (1 + 2 z lse) / s``: the exponentials are
+    computed once, into the logits' buffer (a scatter of one value per row then corrects the
+    targets in place), and the per-row scale ``c`` is applied to the head-gradient products'
+    [T, D] operand and result instead of in a pass over [T, V]. The gradient written out as
+    one expression took a second ``exp`` pass that also read and wrote all of [T, V] (19M
+    benchmark model on CPU: the head's passes 71 -> 36 ms; docs/PERFORMANCE.md).
+    """
+    row_max = jnp.max(logits, axis=-1)
+    e = jnp.exp(logits - row_max[:, None])
+    s = jnp.sum(e, axis=-1)
+    lse = row_max + jnp.log(s)
+    zf = 1.0 + 2.0 * z_loss * lse if z_loss else jnp.ones_like(lse)
+    zf = jnp.where(zf == 0.0, jnp.float32(1e-30), zf)  # lse == -1 / (2 z): the gradient is -onehot
+    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
+    u = e.at[rows, targets].add(-s / zf, indices_are_sorted=True, unique_indices=True)
+    return lse, u, mask * zf / s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -118,8 +153,9 @@ def head_loss_sums(hidden, head, targets, loss_mask, z_loss: float = 0.0,
     residual).
 
     ``workspace``: None, or a [B*S, V] array in hidden's dtype (:func:`logits_workspace`); it
-    is then returned as a third reporting output, holding the logits' gradient under
-    differentiation (and unchanged without). Donated to the jitted step and fed back each
+    is then returned as a third reporting output, holding the array the head-gradient products
+    read under differentiation (the logits' gradient up to a per-row scale, see
+    :func:`_exp_once_grads`; unchanged without). Donated to the jitted step and fed back each
     step, it gives XLA a buffer for the logits that stays mapped across steps (see
     :func:`uses_logits_workspace`).
     """
