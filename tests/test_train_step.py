@@ -228,6 +228,34 @@ def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of
         np.testing.assert_allclose(np.asarray(with_ws.workspace), u, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_donated_step_copies_no_parameter(tied):
+    # the step updates the donated state in place; a read of a parameter that the update does
+    # not wait for (the head's target-vector gather, once) made XLA copy that parameter at the
+    # start of every step
+    import re
+
+    from gorilla_jax.train.step import JittedTrainStep, logits_workspace
+
+    cfg = dataclasses.replace(TINY, vocab_size=4096, tie_word_embeddings=tied)
+    B, S = 8, 64
+    batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(7), B, S))
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10, params)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
+                       rng=jax.random.PRNGKey(0))
+    fn = make_train_step(LlamaForCausalLM(cfg).apply, opt)
+    for step in (JittedTrainStep(fn), JittedTrainStep(fn, logits_workspace(B, S, 4096, jnp.float32))):
+        hlo = step.lower(state, batch).compile().as_text()
+        entry = hlo[hlo.index("\nENTRY"):]
+        # the arrays among the parameters (scalars such as the step counter are copied freely)
+        arrays = {name for name, dims in re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]\S* parameter\(",
+                                                    entry) if dims}
+        copied = set(re.findall(r"= \S+ copy\(%([\w.\-]+)\)", entry))
+        assert len(arrays) > 20
+        assert not arrays & copied, sorted(arrays & copied)
+
+
 def test_logits_workspace_is_checked_and_used_only_where_it_helps():
     from gorilla_jax.train.step import logits_workspace, uses_logits_workspace
 
