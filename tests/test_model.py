@@ -376,6 +376,10 @@ def test_swiglu_backward_transposes_no_activation():
     assert f"f32[{D},{B * S}]" in hlo or f"f32[{D},{B},{S}]" in hlo  # dy^T and x^T are made
     for shape in (f"f32[{F},{B * S}]", f"f32[{F},{B},{S}]"):
         assert shape not in hlo, shape
+    # and every product is a fast one: none is left to XLA's generic dot in the entry
+    # computation (the [D, F] result's transpose, folded into its product, made one)
+    entry = hlo[hlo.index("\nENTRY"):]
+    assert " dot(" not in entry, [l for l in entry.splitlines() if " dot(" in l]
 
 
 @pytest.mark.parametrize("block", ["swiglu", "attention"])

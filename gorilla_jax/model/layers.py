@@ -267,7 +267,9 @@ def _swiglu_bwd(res, dy):
     # a 2-core Zen 1 CPU: ~15 ms per layer for [1024, 688]); dy is already written out, so its
     # transpose is a plain copy, and h is read in its own order by the product
     d_wd_t = jnp.einsum("dbs,bsf->df", materialised_transpose(dy, (2, 0, 1)), h)
-    return dx, d_wg, d_wu, materialised_transpose(d_wd_t)
+    # the barrier before the transpose too: XLA otherwise folds the transpose into the product,
+    # which then contracts h's leading axis and runs as a generic (non-YNNPACK) dot
+    return dx, d_wg, d_wu, materialised_transpose(jax.lax.optimization_barrier(d_wd_t))
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
