@@ -31,13 +31,18 @@ TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidd
 # ----------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("vocab_major", [False, True])
-def test_head_loss_sums_equals_autodiff_of_the_plain_loss(vocab_major):
-    rng = np.random.default_rng(0)
-    B, S, D, V, z = 2, 5, 8, 13, 1e-3
+def _head_inputs(seed, B, S, D, V, vocab_major):
+    """Random hidden states [B, S, D], a head kernel ([V, D] or [D, V]) and targets [B, S]."""
+    rng = np.random.default_rng(seed)
     hidden = jnp.asarray(rng.normal(size=(B, S, D)), jnp.float32)
     head = jnp.asarray(rng.normal(size=(V, D) if vocab_major else (D, V)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+    return hidden, head, jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32), rng
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_head_loss_sums_equals_autodiff_of_the_plain_loss(vocab_major):
+    B, S, D, V, z = 2, 5, 8, 13, 1e-3
+    hidden, head, targets, _ = _head_inputs(0, B, S, D, V, vocab_major)
     mask = jnp.asarray([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], jnp.int32)
 
     def plain(h, w):
@@ -70,11 +75,8 @@ def test_head_loss_sums_agree_with_the_vocabulary_split_over_devices(vocab_major
     from gorilla_jax.config import MeshConfig
     from gorilla_jax.sharding import activate, make_mesh
 
-    rng = np.random.default_rng(3)
     B, S, D, V, z = 4, 6, 16, 64, 1e-3
-    hidden = jnp.asarray(rng.normal(size=(B, S, D)), jnp.float32)
-    head = jnp.asarray(rng.normal(size=(V, D) if vocab_major else (D, V)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+    hidden, head, targets, rng = _head_inputs(3, B, S, D, V, vocab_major)
     mask = jnp.asarray(rng.integers(0, 2, (B, S)), jnp.int32)
 
     def run(h, w):
