@@ -125,9 +125,10 @@ def test_head_gradient_where_the_z_loss_factor_vanishes():
 
     logits = jnp.asarray([[-3.0, -4.0, -2.5, -6.0], [1.0, 2.0, 0.5, 0.0]], jnp.float32)
     targets, mask = jnp.asarray([1, 2], jnp.int32), jnp.ones((2,), jnp.float32)
-    lse = _exp_once_grads(logits, targets, mask, 0.0)[0]
+    target_logit = jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
+    lse = _exp_once_grads(logits, targets, mask, 0.0, target_logit)[0]
     z = -0.5 / float(lse[0])
-    lse, u, c = _exp_once_grads(logits, targets, mask, z)
+    lse, u, c = _exp_once_grads(logits, targets, mask, z, target_logit)
     assert float(1.0 + 2.0 * z * lse[0]) == 0.0  # the case under test is reached
     got = np.asarray(c[:, None] * u)
     np.testing.assert_allclose(got[0], [0.0, -1.0, 0.0, 0.0], atol=1e-6)

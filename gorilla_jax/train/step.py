@@ -116,7 +116,7 @@ def _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, with_gr
     return ce, zl, grads, dlogits
 
 
-def _exp_once_grads(logits, targets, mask, z_loss, target_logit=None):
+def _exp_once_grads(logits, targets, mask, z_loss, target_logit):
     """(lse [T], u [T, V], c [T]) with ``c[:, None] * u`` the gradient of ce + z-loss w.r.t. the
     logits, ``mask * (softmax * (1 + 2 z lse) - onehot)``, for a vocabulary on one device.
 
@@ -128,8 +128,8 @@ def _exp_once_grads(logits, targets, mask, z_loss, target_logit=None):
     one expression took a second ``exp`` pass that also read and wrote all of [T, V] (19M
     benchmark model on CPU: the head's passes 71 -> 36 ms; docs/PERFORMANCE.md).
 
-    ``target_logit`` [T], when given, becomes a data dependency of ``u`` (0 * target_logit is
-    added to the scatter's values): the caller's gather of the head's target vectors then runs
+    ``target_logit`` [T] becomes a data dependency of ``u`` (0 * target_logit is added to the
+    scatter's values): the caller's gather of the head's target vectors then runs
     before the head's update in the train step, which writes over the donated head in place.
     Without it the gather was ordered only before the loss, and XLA copied the head (33 MB
     for the 19M benchmark model) at the start of every step to keep it readable.
@@ -141,8 +141,8 @@ def _exp_once_grads(logits, targets, mask, z_loss, target_logit=None):
     zf = 1.0 + 2.0 * z_loss * lse if z_loss else jnp.ones_like(lse)
     zf = jnp.where(zf == 0.0, jnp.float32(1e-30), zf)  # lse == -1 / (2 z): the gradient is -onehot
     rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
-    correction = -s / zf if target_logit is None else -s / zf + 0.0 * target_logit
-    u = e.at[rows, targets].add(correction, indices_are_sorted=True, unique_indices=True)
+    u = e.at[rows, targets].add(-s / zf + 0.0 * target_logit, indices_are_sorted=True,
+                                unique_indices=True)
     return lse, u, mask * zf / s
 
 
