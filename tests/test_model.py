@@ -314,9 +314,12 @@ def test_init_params_statistics(one_stream):
                                   np.asarray(params["lm_head"]["kernel"], np.float32))
 
 
-def test_grouped_attention_backward_equals_autodiff_of_the_einsum_form():
+@pytest.mark.parametrize("blocks", [1, 3, 5])  # 5 blocks of 12 queries: 2, 2, 3, 2, 3
+def test_grouped_attention_backward_equals_autodiff_of_the_einsum_form(blocks):
     # dot_product_attention has a hand-written backward; autodiff of the cache path's einsum
-    # form (_gqa_attention) is the reference, with packing and a fully masked (padding) row
+    # form (_gqa_attention) is the reference, with packing and fully masked (padding) rows.
+    # With causal query blocks a fully masked row is uniform over its block's keys only (its
+    # output is meaningless): it is left out of the compared sum, and checked on its own.
     from gorilla_jax.model import attention as A
     rng = np.random.default_rng(1)
     B, S, H, KV, Dh = 2, 12, 4, 2, 8
@@ -327,9 +330,12 @@ def test_grouped_attention_backward_equals_autodiff_of_the_einsum_form():
     pad = np.ones((B, S), np.int32)
     pad[0, :3] = 0
     mask = A.build_mask(S, jnp.asarray(seg), jnp.asarray(pad))
-    w = jnp.asarray(rng.standard_normal((B, S, H, Dh)), jnp.float32)
+    w = rng.standard_normal((B, S, H, Dh))
+    if blocks > 1:
+        w[0, :3] = 0.0  # the fully masked rows
+    w = jnp.asarray(w, jnp.float32)
     new = jax.jit(jax.value_and_grad(
-        lambda *a: jnp.sum(A.dot_product_attention(*a, mask, jnp.float32) * w), (0, 1, 2)))
+        lambda *a: jnp.sum(A.dot_product_attention(*a, mask, jnp.float32, blocks) * w), (0, 1, 2)))
     ref = jax.value_and_grad(
         lambda *a: jnp.sum(A._gqa_attention(*a, mask, jnp.float32, "btnd", "btnd") * w), (0, 1, 2))
     (got, got_g), (want, want_g) = new(q, k, v), ref(q, k, v)
@@ -337,6 +343,38 @@ def test_grouped_attention_backward_equals_autodiff_of_the_einsum_form():
     for g_, w_ in zip(got_g, want_g):
         np.testing.assert_allclose(np.asarray(g_), np.asarray(w_), rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(want_g[0]).max()) > 0.1
+    out = np.asarray(A.dot_product_attention(q, k, v, mask, jnp.float32, blocks))
+    ends = [S * (i + 1) // blocks for i in range(blocks)]  # blocks of consecutive queries
+    for row in range(3):  # uniform over the keys up to the end of the row's block
+        end = min(e for e in ends if e > row)
+        uniform = np.repeat(np.asarray(v)[0, :end].mean(0), H // KV, axis=0)  # [H, Dh]
+        np.testing.assert_allclose(out[0, row], uniform, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq_len,blocks", [(8, 1), (63, 1), (64, 2), (100, 3), (128, 4),
+                                            (4096, 4)])
+def test_causal_query_blocks(seq_len, blocks):
+    from gorilla_jax.model.attention import causal_query_blocks
+    assert causal_query_blocks(seq_len) == blocks
+
+
+def test_causal_query_blocks_match_transformers():
+    # 100 positions: three query blocks of uneven length (33, 33, 34), with left padding and a
+    # packed second segment in the reference's terms (a padded row is compared where real)
+    cfg = PARITY_CONFIGS["gqa_6q_2kv_odd_sizes"]
+    model, state = hf_llama(cfg, seed=4)
+    params = jax.tree.map(jnp.asarray, hf_to_params(state, cfg))
+    rng = np.random.default_rng(3)
+    S = 100
+    ids = rng.integers(0, cfg.vocab_size, (2, S))
+    mask = np.ones((2, S), np.int32)
+    mask[1, :40] = 0  # the padding covers the first block and part of the second
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    ours = forward(cfg, params, ids, positions=positions, attention_mask=mask)
+    ref = hf_logits(model, ids, positions, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
+    assert np.abs(ref).max() > 1.0 and np.isfinite(ours).all()
 
 
 @pytest.mark.parametrize("rows", [(2, 12), (3, 40)])  # 24 rows: fused gate/up; 120: separate
