@@ -23,8 +23,9 @@ RNG and the batch) its real sharding (``train.loop.state_shardings``), lowers an
   matmul loops the TPU compiler makes), so it undercounts; it is shown, not used.
 - **time**: a compute-bound roofline. The predicted step time is the program FLOPs at
   ``efficiency`` times the chips' peak bf16 FLOP/s; the predicted MFU is the model FLOPs over
-  that (with full remat about 0.79 * efficiency for LLaMA-7B: the recomputed forward is work
-  the formula does not count). Communication, vector work and input are assumed hidden behind
+  that (with full remat about 0.82 * efficiency for LLaMA-7B: the recomputed forward is work
+  the formula does not count, and the attention's causal query blocks skip some it does).
+  Communication, vector work and input are assumed hidden behind
   the matrix units: a real run is slower, and the default efficiency of 1.0 gives the fastest
   the step can go. Tokens/s, chip-hours and cost for ``train.steps`` steps follow from it.
 
