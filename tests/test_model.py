@@ -359,8 +359,8 @@ def test_causal_query_blocks(seq_len, blocks):
 
 
 def test_causal_query_blocks_match_transformers():
-    # 100 positions: three query blocks of uneven length (33, 33, 34), with left padding and a
-    # packed second segment in the reference's terms (a padded row is compared where real)
+    # 100 positions: three query blocks of uneven length (33, 33, 34), one row left-padded
+    # over the first block and into the second (compared where real)
     cfg = PARITY_CONFIGS["gqa_6q_2kv_odd_sizes"]
     model, state = hf_llama(cfg, seed=4)
     params = jax.tree.map(jnp.asarray, hf_to_params(state, cfg))

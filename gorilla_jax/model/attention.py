@@ -119,10 +119,9 @@ def dot_product_attention(q, k, v, mask, dtype, causal_blocks: int = 1):
     position; the rest of the [S, T] scores are masked for every query of the block anyway.
     With 4 blocks the products and the softmax cover 10/16 of the scores (19M benchmark model
     on a Zen 1 CPU: one layer's forward + backward 31.0 -> 20.8 ms, the step 1.7% faster;
-    docs/PERFORMANCE.md). A fully
-    masked query row (a padding token's, under ``attention_mask``) is then uniform over the
-    keys up to its block's end instead of over all T; such rows' outputs are meaningless
-    either way (never NaN).
+    docs/PERFORMANCE.md). A fully masked query row (a padding token's, under
+    ``attention_mask``) is then uniform over the keys up to its block's end instead of over all
+    T; such rows' outputs are meaningless either way (never NaN).
     """
     B, S, H, Dh = q.shape
     T, KV = k.shape[1], k.shape[2]
