@@ -351,6 +351,63 @@ def test_grouped_attention_backward_equals_autodiff_of_the_einsum_form(blocks):
         np.testing.assert_allclose(out[0, row], uniform, atol=1e-6)
 
 
+@pytest.mark.parametrize("parts,mask_batch", [(2, 5), (3, 5), (5, 1)])
+def test_attention_batch_parts_equal_the_whole_batch(parts, mask_batch):
+    # the batch cut into parts of consecutive rows (3 parts of 5 rows: 1, 2, 2), with a
+    # per-row mask (packing and padding) or one causal mask broadcast over the batch
+    from gorilla_jax.model import attention as A
+    rng = np.random.default_rng(2)
+    B, S, H, KV, Dh = 5, 40, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+               for shape in ((B, S, H, Dh), (B, S, KV, Dh), (B, S, KV, Dh)))
+    if mask_batch == 1:
+        mask = A.build_mask(S)
+    else:
+        seg = np.ones((B, S), np.int32)
+        seg[1, S // 2:] = 2
+        pad = np.ones((B, S), np.int32)
+        pad[3, :5] = 0
+        mask = A.build_mask(S, jnp.asarray(seg), jnp.asarray(pad))
+    assert mask.shape[0] == mask_batch
+    w = jnp.asarray(rng.standard_normal((B, S, H, Dh)), jnp.float32)
+
+    def loss(n):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(
+            A.dot_product_attention(*a, mask, jnp.float32, 2, n) * w), (0, 1, 2)))
+
+    (whole, whole_g), (cut, cut_g) = loss(1)(q, k, v), loss(parts)(q, k, v)
+    np.testing.assert_allclose(float(cut), float(whole), rtol=1e-6)
+    for a, b in zip(cut_g, whole_g):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(A.dot_product_attention(q, k, v, mask, jnp.float32, 2, parts)),
+        np.asarray(A.dot_product_attention(q, k, v, mask, jnp.float32, 2)), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(whole_g[1]).max()) > 0.1
+    # each part is its own core: two causal blocks of two products per part
+    jaxpr = str(jax.make_jaxpr(lambda *a: A.dot_product_attention(*a, mask, jnp.float32, 2,
+                                                                 parts))(q, k, v))
+    assert jaxpr.count("dot_general") == 4 * parts
+
+
+def test_attention_batch_parts_only_for_a_batch_on_one_device():
+    from gorilla_jax.config import MeshConfig
+    from gorilla_jax.model.attention import CPU_BATCH_PARTS, attention_batch_parts
+    from gorilla_jax.sharding import activate, make_mesh
+
+    assert jax.default_backend() == "cpu" and CPU_BATCH_PARTS == 2
+    assert attention_batch_parts(8) == 2 and attention_batch_parts(1) == 1
+    with activate(make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))):
+        assert attention_batch_parts(8) == 1  # the batch is split over the data axis
+    with activate(make_mesh(MeshConfig(data=1, fsdp=1, tensor=-1))):
+        assert attention_batch_parts(8) == 2  # heads split, the batch whole on every device
+    # `tpu fit` compiles from this CPU host for TPU devices: their platform decides
+    from gorilla_jax.tpu.chips import parse_topology
+    from gorilla_jax.tpu.fit import topology_devices
+    tpus = topology_devices(parse_topology("v5e:2x2"))
+    with activate(make_mesh(MeshConfig(data=1, fsdp=1, tensor=-1), devices=tpus)):
+        assert attention_batch_parts(8) == 1
+
+
 @pytest.mark.parametrize("seq_len,blocks", [(8, 1), (63, 1), (64, 2), (100, 3), (128, 4),
                                             (4096, 4)])
 def test_causal_query_blocks(seq_len, blocks):

@@ -9,7 +9,8 @@ Kernels (``config.attention``), for the forward pass without a cache:
 
 - ``xla``: einsum + float32 softmax (:func:`dot_product_attention`); runs everywhere. The
   causal queries are split into up to 4 blocks, each scored only against the keys up to its
-  end (:func:`causal_query_blocks`).
+  end (:func:`causal_query_blocks`); on CPU the batch is also cut into independent parts
+  (:func:`attention_batch_parts`).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU; fp16/bf16 compute).
   On other backends the same call runs with its XLA implementation.
 - ``splash``: the Pallas TPU splash-attention kernel with a causal mask and segment ids
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 from gorilla_jax.config import ModelConfig
 from gorilla_jax.model.layers import (apply_rope, can_fuse, computed_after, dtype_of,
                                      fused_projections, kernel, materialised_transpose,
-                                     normal_init, project_out_in)
+                                     normal_init, project_out_in, unsplit)
 from gorilla_jax.sharding import active_mesh, logical_to_spec, with_logical_constraint
 
 # A large finite negative: exp() underflows to exactly 0 without the NaNs of -inf on empty rows.
@@ -102,7 +103,31 @@ def causal_query_blocks(seq_len: int) -> int:
     return max(1, min(CAUSAL_MAX_BLOCKS, seq_len // CAUSAL_MIN_BLOCK))
 
 
-def dot_product_attention(q, k, v, mask, dtype, causal_blocks: int = 1):
+# The CPU backend cuts the batch of the attention cores into this many independent parts
+# (see attention_batch_parts).
+CPU_BATCH_PARTS = 2
+
+
+def attention_batch_parts(batch: int) -> int:
+    """How many independent parts :func:`dot_product_attention` cuts a batch of ``batch`` rows
+    into: ``CPU_BATCH_PARTS`` (at most ``batch``) on CPU devices (those of the active mesh, else
+    the default backend) when the batch axis is not split over devices, else 1.
+
+    XLA:CPU runs each batched product of the attention core, [B, KV] small products, on one
+    thread, one batch element after another (it splits a product over threads only within one
+    large batch element), while independent operations run on different threads. Two
+    half-batch cores are independent, so each takes a thread (19M benchmark model on the Zen 1
+    CPU: the train step 1-2% faster; four parts were no better; docs/PERFORMANCE.md). A batch
+    split over devices is left whole: a slice of it would move rows between devices.
+    """
+    mesh = active_mesh()  # its devices' platform: `tpu fit` compiles for TPUs from a CPU host
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    if platform != "cpu" or not unsplit(("batch",)):
+        return 1
+    return max(1, min(CPU_BATCH_PARTS, batch))
+
+
+def dot_product_attention(q, k, v, mask, dtype, causal_blocks: int = 1, batch_parts: int = 1):
     """q [B,S,H,Dh], k/v [B,T,KV,Dh], mask [B|1,S,T] bool -> [B,S,H,Dh] in ``dtype``.
 
     Computed per (batch, kv head) with the head group's queries stacked as rows: q as
@@ -122,7 +147,18 @@ def dot_product_attention(q, k, v, mask, dtype, causal_blocks: int = 1):
     docs/PERFORMANCE.md). A fully masked query row (a padding token's, under
     ``attention_mask``) is then uniform over the keys up to its block's end instead of over all
     T; such rows' outputs are meaningless either way (never NaN).
+
+    ``batch_parts`` > 1: the batch is cut into that many parts of consecutive rows (as even as
+    the batch allows), each attended on its own (:func:`attention_batch_parts`); the result is
+    the same.
     """
+    if batch_parts > 1:
+        cuts = [q.shape[0] * i // batch_parts for i in range(batch_parts + 1)]
+        parts = [dot_product_attention(q[a:b], k[a:b], v[a:b],
+                                       mask if mask.shape[0] == 1 else mask[a:b], dtype,
+                                       causal_blocks)
+                 for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        return jnp.concatenate(parts, axis=0)
     B, S, H, Dh = q.shape
     T, KV = k.shape[1], k.shape[2]
     G = H // KV
@@ -308,7 +344,8 @@ class Attention(nn.Module):
             elif cfg.attention == "cudnn":
                 out = cudnn_attention(q, k, v, mask, dt)
             if out is None:
-                out = dot_product_attention(q, k, v, mask, dt, causal_query_blocks(S))
+                out = dot_product_attention(q, k, v, mask, dt, causal_query_blocks(S),
+                                            attention_batch_parts(B))
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         if out_in:
             y = project_out_in(out.reshape(B, S, H * Dh), self.get_variable("params", "o_t"), dt)
