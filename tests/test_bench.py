@@ -253,6 +253,33 @@ def test_numpy_weights_load_into_both_frameworks_identically():
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
 
+def test_torch_adamw_implementations_train_alike_and_bad_names_are_refused():
+    # the PyTorch baseline's AdamW implementation is a benchmark option: each must be the
+    # AdamW it names and give the same training run as torch's default implementation
+    from gorilla_jax.bench.train_bench import TorchTrainRunner, TrainBenchSpec
+
+    import torch
+
+    spec = TrainBenchSpec(model=TINY, batch=2, seq=16, learning_rate=1e-2, warmup_steps=0)
+    losses, impls = {}, {}
+    try:
+        for impl in ("default", "foreach", "fused"):
+            runner = TorchTrainRunner(dataclasses.replace(spec, torch_adamw=impl))
+            info = runner.setup()  # sets PyTorch's flush-to-zero mode for this process
+            assert info["torch_adamw"] == impl
+            impls[impl] = {k: runner.optimizer.defaults[k] for k in ("foreach", "fused")}
+            losses[impl] = runner.run(6).losses
+    finally:
+        torch.set_flush_denormal(False)
+    assert impls["default"] == {"foreach": None, "fused": None}
+    assert impls["foreach"]["foreach"] is True and impls["fused"]["fused"] is True
+    assert losses["default"][-1] < losses["default"][0] - 0.05  # it trains (lr 1e-2)
+    for impl in ("foreach", "fused"):
+        np.testing.assert_allclose(losses[impl], losses["default"], rtol=1e-5)
+    with pytest.raises(ValueError, match="torch_adamw 'adam8bit': one of default, foreach, fused"):
+        TorchTrainRunner(dataclasses.replace(spec, torch_adamw="adam8bit")).setup()
+
+
 def _tiny_config_file(tmp_path, tied=False):
     cfg = {"model": {**dataclasses.asdict(TINY), "tie_word_embeddings": tied},
            "optimizer": {"learning_rate": 1e-3, "weight_decay": 0.1, "grad_clip": 1.0},
@@ -285,10 +312,13 @@ def test_bench_compare_on_a_tiny_config_produces_table_json_and_chart(tmp_path):
     assert set(rows) == {"jax", "torch", "torch-compile"}
     assert any(line.startswith("jax_over_torch:") for line in lines)
     assert any(line.startswith("jax_over_torch_compile:") for line in lines)
+    title = next(line for line in lines if line.startswith("train step: LLaMA"))
+    assert title.endswith("AdamW (PyTorch's: torch's default implementation)"), title
 
     result = json.loads((out_dir / "compare_train.json").read_text())
     assert result["batch"] == 2 and result["seq"] == 16 and result["threads"] == 2
     assert result["tokens_per_step"] == 32 and result["flops_per_step"] > 0
+    assert result["optimizer"]["torch_adamw"] == "default"
     assert result["peak_flops_per_sec"] > 0
     for fw in ("jax", "torch", "torch-compile"):
         r = result["frameworks"][fw]

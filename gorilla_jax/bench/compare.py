@@ -128,7 +128,9 @@ def compare_train(spec: TrainBenchSpec, frameworks: Sequence[str] = ("jax", "tor
         "batch": spec.batch, "seq": spec.seq, "precision": spec.precision,
         "optimizer": {"name": "adamw", "learning_rate": spec.learning_rate, "b1": spec.b1,
                       "b2": spec.b2, "eps": spec.eps, "weight_decay": spec.weight_decay,
-                      "grad_clip": spec.grad_clip},
+                      "grad_clip": spec.grad_clip,
+                      "torch_adamw": spec.torch_adamw if any(f != "jax" for f in frameworks)
+                      else None},
         "device": infos[frameworks[0]].get("device"), "threads": threads,
         "glibc_tunables": _worker_tunables(),
         "rounds": rounds, "steps_per_round": steps_per_round,
@@ -175,7 +177,8 @@ def train_table(result: dict) -> str:
         f"train step: LLaMA {m['params'] / 1e6:.1f}M params (vocab {m['vocab_size']}, hidden "
         f"{m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']}/"
         f"{m['num_key_value_heads']} heads, {'tied' if m['tie_word_embeddings'] else 'untied'}), "
-        f"batch {result['batch']} x {result['seq']}, {result['precision']}, AdamW",
+        f"batch {result['batch']} x {result['seq']}, {result['precision']}, AdamW"
+        f"{_fmt_torch_adamw(result['optimizer'].get('torch_adamw'))}",
         f"device {result['device']}, threads {result['threads'] or 'default'}, "
         f"{result['rounds']} interleaved rounds x {result['steps_per_round']} steps, load avg "
         f"{_fmt_load(result['load_avg']['start'])} -> {_fmt_load(result['load_avg']['end'])}"
@@ -199,6 +202,11 @@ def train_table(result: dict) -> str:
         lines.append(f"{key}: {t['ratio']:.2f}x (target {t['target']}x: "
                      f"{'met' if t['met'] else 'NOT met'})")
     return "\n".join(lines)
+
+
+def _fmt_torch_adamw(impl) -> str:
+    names = {"default": "torch's default implementation", "foreach": "foreach", "fused": "fused"}
+    return f" (PyTorch's: {names.get(impl, impl)})" if impl else ""
 
 
 def _worker_tunables() -> str:

@@ -10,7 +10,10 @@
   next-token targets; every token counts in the loss (mean cross-entropy).
 - Optimizer: AdamW with the same learning rate, betas, eps and weight decay, decay skipped on
   norms and embeddings (the project's default mask, applied by name in both) and global-norm
-  clipping at ``grad_clip``.
+  clipping at ``grad_clip``. PyTorch's AdamW implementation is ``torch_adamw``: ``default``
+  (what ``torch.optim.AdamW`` picks by itself: a loop over the tensors on CPU, ``foreach`` on
+  CUDA), ``foreach``, or ``fused`` (one kernel per step; the default optimizer of transformers'
+  Trainer since torch 2.8).
 - Precision: ``float32`` (parameters and compute) or ``bfloat16`` (fp32 parameters, bf16
   compute: ``model.dtype`` in JAX, autocast in PyTorch).
 
@@ -33,6 +36,7 @@ import numpy as np
 from gorilla_jax.config import ModelConfig
 
 FRAMEWORKS = ("jax", "torch", "torch-compile")
+TORCH_ADAMW = ("default", "foreach", "fused")  # PyTorch's AdamW implementations
 DECAY_EXCLUDE = (r"norm", r"embed_tokens")  # the project's default weight-decay exclusions
 
 
@@ -52,6 +56,7 @@ class TrainBenchSpec:
     num_batches: int = 2
     seed: int = 0
     threads: Optional[int] = None  # torch intra-op threads (the worker also pins CPU affinity)
+    torch_adamw: str = "default"  # one of TORCH_ADAMW
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -308,8 +313,11 @@ class TorchTrainRunner:
         named = list(model.named_parameters())
         groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": spec.weight_decay},
                   {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
+        if spec.torch_adamw not in TORCH_ADAMW:
+            raise ValueError(f"torch_adamw {spec.torch_adamw!r}: one of {', '.join(TORCH_ADAMW)}")
+        impl = {} if spec.torch_adamw == "default" else {spec.torch_adamw: True}
         self.optimizer = torch.optim.AdamW(groups, lr=spec.learning_rate, betas=(spec.b1, spec.b2),
-                                           eps=spec.eps)
+                                           eps=spec.eps, **impl)
         autocast = spec.precision == "bfloat16"
 
         def loss_fn(input_ids, targets, mask):
@@ -333,6 +341,7 @@ class TorchTrainRunner:
                      "params": sum(p.numel() for p in model.parameters()),
                      "first_step_s": first_s, "first_loss": first.losses[0],
                      "rss_before_setup_bytes": rss0, "torch_threads": torch.get_num_threads(),
+                     "torch_adamw": spec.torch_adamw,
                      "torch_version": torch.__version__}
         return self.info
 

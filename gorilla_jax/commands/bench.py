@@ -18,6 +18,13 @@ def _common(p, default_model: str) -> None:
                    help="print one JSON object instead of the table (progress goes to stderr)")
 
 
+def _torch_adamw(p) -> None:
+    p.add_argument("--torch-adamw", default="default", choices=("default", "foreach", "fused"),
+                   help="PyTorch's AdamW implementation: torch's default (a loop over the tensors "
+                   "on CPU, foreach on CUDA), foreach, or "
+                   "fused (transformers' Trainer default since torch 2.8); default: default")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="throughput benchmarks against PyTorch",
@@ -40,6 +47,7 @@ def register(subparsers) -> None:
     t.add_argument("--seq", type=int, default=None, help="sequence length (default: data.seq_len)")
     t.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
     t.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    _torch_adamw(t)
     t.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace steps into DIR (jax.profiler / torch.profiler) and print the "
                    "ops that take the most time")
@@ -60,6 +68,7 @@ def register(subparsers) -> None:
                    "(default 3)")
     c.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
     c.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    _torch_adamw(c)
     c.set_defaults(func=_compare)
 
     g = sub.add_parser("generate", help="KV-cache decode tokens/s vs transformers' generate",
@@ -105,7 +114,8 @@ def _train_spec(args, warmup: int = 2):
                           seq=args.seq or cfg.data.seq_len, precision=args.precision,
                           learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
                           weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-                          warmup_steps=warmup, threads=_threads(args))
+                          warmup_steps=warmup, threads=_threads(args),
+                          torch_adamw=args.torch_adamw)
 
 
 def _progress(args):
