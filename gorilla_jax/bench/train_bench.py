@@ -12,7 +12,7 @@
   norms and embeddings (the project's default mask, applied by name in both) and global-norm
   clipping at ``grad_clip``. PyTorch's AdamW implementation is ``torch_adamw``: ``default``
   (what ``torch.optim.AdamW`` picks by itself: a loop over the tensors on CPU, ``foreach`` on
-  CUDA), ``foreach``, or ``fused`` (one kernel per step; the default optimizer of transformers'
+  CUDA), ``foreach``, or ``fused`` (one pass over each tensor; the default optimizer of transformers'
   Trainer since torch 2.8).
 - Precision: ``float32`` (parameters and compute) or ``bfloat16`` (fp32 parameters, bf16
   compute: ``model.dtype`` in JAX, autocast in PyTorch).
