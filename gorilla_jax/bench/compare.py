@@ -205,8 +205,8 @@ def train_table(result: dict) -> str:
 
 
 def _fmt_torch_adamw(impl) -> str:
-    names = {"default": "torch's default implementation", "foreach": "foreach", "fused": "fused"}
-    return f" (PyTorch's: {names.get(impl, impl)})" if impl else ""
+    name = "torch's default implementation" if impl == "default" else impl
+    return f" (PyTorch's: {name})" if impl else ""
 
 
 def _worker_tunables() -> str:
