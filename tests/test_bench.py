@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import contextlib
 
 import jax
@@ -310,7 +311,8 @@ def test_bench_compare_on_a_tiny_config_produces_table_json_and_chart(tmp_path):
         assert col in lines[header]
     rows = {line.split()[0]: line.split() for line in lines[header + 1:header + 4]}
     assert set(rows) == {"jax", "torch", "torch-compile"}
-    assert any(line.startswith("jax_over_torch:") for line in lines)
+    ratio_line = next(line for line in lines if line.startswith("jax_over_torch:"))
+    assert re.search(r"by round \d+\.\d\d-\d+\.\d\dx, met in [012] of 2\)$", ratio_line)
     assert any(line.startswith("jax_over_torch_compile:") for line in lines)
     title = next(line for line in lines if line.startswith("train step: LLaMA"))
     assert title.endswith("AdamW (PyTorch's: torch's default implementation)"), title
@@ -324,6 +326,8 @@ def test_bench_compare_on_a_tiny_config_produces_table_json_and_chart(tmp_path):
         r = result["frameworks"][fw]
         st = r["step_time_s"]
         assert st["n"] == 4 and 0 < st["min"] <= st["median"] <= st["max"]
+        assert len(r["round_median_step_s"]) == 2
+        assert all(st["min"] <= m <= st["max"] for m in r["round_median_step_s"])
         for key in ("tokens_per_sec", "tflops_per_sec", "mfu", "peak_memory_bytes"):
             assert r[key] > 0 and math.isfinite(r[key]), (fw, key)
         assert r["memory_kind"] == "rss" and r["params"] == result["model"]["params"]
@@ -334,7 +338,11 @@ def test_bench_compare_on_a_tiny_config_produces_table_json_and_chart(tmp_path):
     assert jx["last_loss"] < jx["first_loss"]
     assert abs(result["frameworks"]["torch-compile"]["last_loss"] - th["last_loss"]) < 1e-3
     assert result["jax_over_torch"] == pytest.approx(jx["tokens_per_sec"] / th["tokens_per_sec"])
-    assert result["targets"]["jax_over_torch"]["target"] == 1.3
+    t = result["targets"]["jax_over_torch"]
+    assert t["target"] == 1.3
+    assert t["ratio_by_round"] == pytest.approx(
+        [o / j for j, o in zip(jx["round_median_step_s"], th["round_median_step_s"])])
+    assert t["rounds_met"] == sum(r >= 1.3 for r in t["ratio_by_round"])
     assert (out_dir / "compare_train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
