@@ -42,7 +42,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["gorilla_jax*", "data_pipeline*", "eval*"]),
-    package_data={"data_pipeline": ["sample/*", "sample/**/*"]},
+    package_data={"data_pipeline": ["sample/*", "sample/**/*"],
+                  # compiled on first use (gorilla_jax/cpu_kernels)
+                  "gorilla_jax": ["cpu_kernels/kernels.cc"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require={

@@ -263,7 +263,7 @@ def compile_train_step(cfg: Config, devices) -> CompiledStep:
     from gorilla_jax import sharding
     from gorilla_jax.model import LlamaForCausalLM, abstract_params
     from gorilla_jax.train.loop import state_shardings
-    from gorilla_jax.train.optimizer import make_optimizer, make_schedule
+    from gorilla_jax.train.optimizer import make_in_place_update, make_optimizer, make_schedule
     from gorilla_jax.train.step import BATCH_KEYS, TrainState, make_train_step
 
     t = cfg.train
@@ -286,7 +286,9 @@ def compile_train_step(cfg: Config, devices) -> CompiledStep:
     batch_in = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in BATCH_KEYS}
     step_fn = make_train_step(LlamaForCausalLM(cfg.model).apply, optimizer,
                               micro_batches=t.micro_batches, z_loss=cfg.optimizer.z_loss,
-                              schedule=schedule)
+                              schedule=schedule,  # the in-place update applies on CPU only
+                              in_place_update=make_in_place_update(cfg.optimizer, t.steps,
+                                                                   abstract))
     t0 = time.perf_counter()
     with sharding.activate(mesh):
         jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),

@@ -37,7 +37,7 @@ from gorilla_jax.errors import GorillaError
 from gorilla_jax.model.layers import dtype_of
 from gorilla_jax.train import metrics as metrics_lib
 from gorilla_jax.train.checkpoints import RunCheckpointer, abstract_like
-from gorilla_jax.train.optimizer import make_optimizer, make_schedule
+from gorilla_jax.train.optimizer import make_in_place_update, make_optimizer, make_schedule
 from gorilla_jax.train.step import (BATCH_KEYS, LOGITS_AXES, JittedTrainStep, TrainState,
                                     logits_workspace, make_eval_step, make_train_step,
                                     uses_logits_workspace)
@@ -192,7 +192,9 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
     data = data_factory(cfg, position)
 
     step_fn = make_train_step(model.apply, optimizer, micro_batches=t.micro_batches,
-                              z_loss=cfg.optimizer.z_loss, schedule=schedule)
+                              z_loss=cfg.optimizer.z_loss, schedule=schedule,
+                              in_place_update=make_in_place_update(cfg.optimizer, t.steps,
+                                                                   abstract))
     workspace = None  # the logits' buffer, kept mapped across steps on CPU (see step.py)
     with sharding.activate(mesh):
         if uses_logits_workspace(t.micro_batches, dtype=cfg.model.dtype):

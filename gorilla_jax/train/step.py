@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gorilla_jax import cpu_kernels
 from gorilla_jax.model.layers import materialised_transpose, unsplit
 from gorilla_jax.sharding import with_logical_constraint
 
@@ -133,13 +134,24 @@ def _exp_once_grads(logits, targets, mask, z_loss, target_logit):
     before the head's update in the train step, which writes over the donated head in place.
     Without it the gather was ordered only before the loss, and XLA copied the head (33 MB
     for the 19M benchmark model) at the start of every step to keep it readable.
+
+    On one CPU device with float32 logits the three passes (max, exp, sum) and the scatter are
+    one native kernel (:func:`gorilla_jax.cpu_kernels.exp_rows`), ``target_logit`` its operand.
     """
+    def z_factor(lse):
+        zf = 1.0 + 2.0 * z_loss * lse if z_loss else jnp.ones_like(lse)
+        return jnp.where(zf == 0.0, jnp.float32(1e-30), zf)  # lse == -1/(2z): gradient -onehot
+
+    if logits.dtype == jnp.float32 and cpu_kernels.usable():
+        # one pass per row, while the row is in cache (gorilla_jax/cpu_kernels)
+        u, row_max, s = cpu_kernels.exp_rows(logits, targets, target_logit, z_loss)
+        lse = row_max + jnp.log(s)
+        return lse, u, mask * z_factor(lse) / s
     row_max = jnp.max(logits, axis=-1)
     e = jnp.exp(logits - row_max[:, None])
     s = jnp.sum(e, axis=-1)
     lse = row_max + jnp.log(s)
-    zf = 1.0 + 2.0 * z_loss * lse if z_loss else jnp.ones_like(lse)
-    zf = jnp.where(zf == 0.0, jnp.float32(1e-30), zf)  # lse == -1 / (2 z): the gradient is -onehot
+    zf = z_factor(lse)
     rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
     u = e.at[rows, targets].add(-s / zf + 0.0 * target_logit, indices_are_sorted=True,
                                 unique_indices=True)
@@ -285,11 +297,14 @@ def _forward_sums(apply_fn, params, batch, z_loss, workspace=None):
 
 def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
                     micro_batches: int = 1, z_loss: float = 0.0,
-                    schedule: optax.Schedule | None = None):
+                    schedule: optax.Schedule | None = None,
+                    in_place_update: Callable | None = None):
     """Return ``train_step(state, batch) -> (state, metrics)`` (not yet jit-compiled).
 
     The optimizer's ``update`` gets the gradients' global norm as ``grad_norm=`` (used by
     :func:`gorilla_jax.train.optimizer.clip_by_global_norm`; other transforms ignore it).
+    ``in_place_update``: :func:`gorilla_jax.train.optimizer.make_in_place_update` for the same
+    optimizer; where it applies (one CPU device) it replaces ``update`` + ``apply_updates``.
     ``train_step(state, batch, workspace) -> (state, metrics, workspace)`` with a logits
     workspace (:func:`logits_workspace`; ``micro_batches`` = 1 only); :class:`JittedTrainStep`
     jits either form and feeds the workspace back.
@@ -327,10 +342,16 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
         # writing them out first (see optimizer.clip_by_global_norm).
         grad_norm = optax.global_norm(grads) / denom
         inv_denom = 1.0 / denom
-        grads = jax.tree.map(lambda g, p: (g * inv_denom).astype(p.dtype), grads, state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
-                                              grad_norm=grad_norm)
-        params = optax.apply_updates(state.params, updates)
+        updated = (None if in_place_update is None else
+                   in_place_update(state.params, grads, inv_denom, grad_norm, state.opt_state))
+        if updated is not None:
+            params, opt_state = updated
+        else:
+            grads = jax.tree.map(lambda g, p: (g * inv_denom).astype(p.dtype), grads,
+                                 state.params)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                                  grad_norm=grad_norm)
+            params = optax.apply_updates(state.params, updates)
         metrics = {"loss": ce / denom, "grad_norm": grad_norm, "tokens": n}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)

@@ -1,0 +1,213 @@
+"""The native CPU kernels (gorilla_jax/cpu_kernels): build, AdamW in place, the head's
+exponentials, and the train step with them against the step with XLA's loops."""
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+from gorilla_jax import cpu_kernels, sharding
+from gorilla_jax.config import ModelConfig, OptimizerConfig
+from gorilla_jax.model import LlamaForCausalLM, init_params
+from gorilla_jax.train.optimizer import make_in_place_update, make_optimizer
+from gorilla_jax.train.step import TrainState, _exp_once_grads, make_train_step
+
+TINY = ModelConfig(vocab_size=203, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture
+def one_cpu():
+    """A one-device mesh: the tests run with 8 host devices, where the kernels stay off."""
+    with sharding.activate(Mesh(np.array(jax.devices()[:1]), ("data",))):
+        yield
+
+
+@pytest.fixture
+def kernels_off(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+
+
+def test_library_builds_loads_and_registers(tmp_path):
+    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+    assert cpu_kernels.unavailable_reason() is None
+    cxx = cpu_kernels.compiler()
+    path = cpu_kernels.library_path(cxx)
+    assert path.exists() and path.parent == cpu_kernels.cache_dir()
+    # the same key for the same source, compiler and CPU; a fresh build elsewhere has the symbols
+    assert cpu_kernels.library_path(cxx) == path
+    out = cpu_kernels.build(cxx, tmp_path / "k.so")
+    import ctypes
+
+    lib = ctypes.CDLL(str(out))
+    assert all(hasattr(lib, sym) for sym in cpu_kernels.TARGETS.values())
+    assert [p.name for p in tmp_path.iterdir()] == ["k.so"]
+
+
+def test_failed_build_names_the_command_and_leaves_nothing(tmp_path):
+    fake = tmp_path / "bin" / "fakecxx"
+    fake.parent.mkdir()
+    # writes a partial output, as a compiler killed half-way would, then fails
+    fake.write_text('#!/bin/sh\nfor a; do out="$a"; done\necho partial > "$out"\n'
+                    'echo "kernels.cc:1: error: broken" >&2\nexit 3\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    dest = tmp_path / "cache" / "k.so"
+    with pytest.raises(RuntimeError, match=r"fakecxx .*kernels\.cc.* failed \(3\):\n.*error: broken"):
+        cpu_kernels.build(str(fake), dest)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_no_compiler_turns_the_kernels_off(monkeypatch, one_cpu):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.compiler() is None
+    assert not cpu_kernels.usable()
+    assert "no C++ compiler" in cpu_kernels.unavailable_reason()
+
+
+def test_usable_only_on_one_cpu_device(monkeypatch, one_cpu):
+    assert cpu_kernels.usable()
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not cpu_kernels.usable()
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
+    with sharding.activate(Mesh(np.array(jax.devices()), ("data",))):
+        assert not cpu_kernels.usable()  # 8 devices: XLA's partitioned loops
+
+
+def _tree(rng):
+    # sizes across several 32768-element chunks with a tail, and a tiny one
+    return {"embed_tokens": {"embedding": rng.normal(size=(301, 257)).astype(np.float32)},
+            "layers_0": {"q_proj": {"kernel": rng.normal(size=(70001,)).astype(np.float32)},
+                         "input_layernorm": {"scale": np.ones(7, np.float32)}}}
+
+
+@pytest.mark.parametrize("clip", [0.5, 1e6, 0.0])
+def test_adamw_in_place_matches_optax(one_cpu, clip):
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(jnp.asarray, _tree(rng))
+    cfg = OptimizerConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=2, b1=0.9,
+                          b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=clip,
+                          weight_decay_exclude=["norm", "embed_tokens"])
+    opt = make_optimizer(cfg, 20, params)
+    in_place = make_in_place_update(cfg, 20, params)
+
+    @jax.jit
+    def reference(p, s, sums, scale):
+        g = jax.tree.map(lambda x: x * scale, sums)
+        u, s = optax.with_extra_args_support(opt).update(g, s, p, grad_norm=optax.global_norm(g))
+        return optax.apply_updates(p, u), s
+
+    @jax.jit
+    def native(p, s, sums, scale):
+        return in_place(p, sums, scale, optax.global_norm(sums) * scale, s)
+
+    hlo = native.lower(params, opt.init(params), params, jnp.float32(1)).as_text()
+    assert hlo.count("@gorilla_adamw_in_place(") == 3  # one call per parameter
+    p_ref, s_ref = params, opt.init(params)
+    p_nat, s_nat = params, opt.init(params)
+    for step in range(4):
+        sums = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 40, jnp.float32),
+                            params)
+        scale = jnp.float32(1 / (step + 3))
+        p_ref, s_ref = reference(p_ref, s_ref, sums, scale)
+        p_nat, s_nat = native(p_nat, s_nat, sums, scale)
+    assert jax.tree.structure(s_nat) == jax.tree.structure(s_ref)
+    # rounding-level differences: XLA contracts multiply-adds into FMAs, the kernel does not
+    for a, b in zip(jax.tree.leaves((p_nat, s_nat)), jax.tree.leaves((p_ref, s_ref))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert int(s_nat[-1][0].count) == 4 and int(s_nat[-1][2].count) == 4
+    moved = np.asarray(p_nat["layers_0"]["q_proj"]["kernel"]) != np.asarray(
+        params["layers_0"]["q_proj"]["kernel"])
+    assert moved.all()  # every chunk, the tail included
+
+
+def test_in_place_update_declines_off_one_cpu_device_and_for_bfloat16(one_cpu):
+    params = {"w": jnp.ones((5,), jnp.float32)}
+    cfg = OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
+    update = make_in_place_update(cfg, 10, params)
+    state = make_optimizer(cfg, 10, params).init(params)
+    assert update(params, params, 1.0, jnp.float32(1), state) is not None
+    half = {"w": jnp.ones((5,), jnp.bfloat16)}
+    assert update(half, half, 1.0, jnp.float32(1), state) is None
+    with sharding.activate(Mesh(np.array(jax.devices()), ("data",))):
+        assert update(params, params, 1.0, jnp.float32(1), state) is None
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_exp_rows_matches_xla(one_cpu, monkeypatch, z_loss):
+    rng = np.random.default_rng(1)
+    T, V = 37, 1013  # a row length that is no multiple of the kernel's 16 lanes
+    logits = rng.normal(size=(T, V)).astype(np.float32) * 4
+    targets = rng.integers(0, V, T).astype(np.int32)
+    logits[np.arange(T), targets] += rng.uniform(0, 30, T).astype(np.float32)  # peaked rows
+    logits[3, :500] -= 120.0  # exponentials below float32's range: 0
+    targets[5], targets[6] = -2, V + 4  # from the end, as jax indexes; out of range: dropped
+    mask = (rng.uniform(size=T) > 0.2).astype(np.float32)
+    target_logit = jnp.asarray(logits[np.arange(T), targets % V])
+    f = jax.jit(lambda l: _exp_once_grads(l, jnp.asarray(targets), jnp.asarray(mask), z_loss,
+                                          target_logit))
+    assert "@gorilla_exp_rows(" in f.lower(jnp.asarray(logits)).as_text()
+    lse, u, c = (np.asarray(x) for x in f(jnp.asarray(logits)))
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    f_xla = jax.jit(lambda l: _exp_once_grads(l, jnp.asarray(targets), jnp.asarray(mask), z_loss,
+                                              target_logit))
+    assert "@gorilla_exp_rows(" not in f_xla.lower(jnp.asarray(logits)).as_text()
+    lse_x, u_x, c_x = (np.asarray(x) for x in f_xla(jnp.asarray(logits)))
+    np.testing.assert_allclose(lse, lse_x, rtol=1e-6)
+    np.testing.assert_allclose(c, c_x, rtol=1e-5)
+    np.testing.assert_allclose(u, u_x, rtol=1e-5, atol=1e-6)
+    # against float64: the logits' gradient c * u is softmax * (1 + 2 z lse) - onehot, masked
+    l64 = logits.astype(np.float64)
+    lse64 = np.log(np.exp(l64 - l64.max(1, keepdims=True)).sum(1)) + l64.max(1)
+    want = np.exp(l64 - lse64[:, None]) * (1 + 2 * z_loss * lse64)[:, None]
+    want[np.arange(T), targets % V] -= np.where(targets < V, 1.0, 0.0)
+    np.testing.assert_allclose(c[:, None] * u, want * mask[:, None], atol=2e-6)
+    np.testing.assert_allclose(lse, lse64, rtol=1e-6)
+    others = np.arange(V) != targets[3]
+    assert (u[3, :500][others[:500]] == 0).all() and (u[3, 500:][others[500:]] > 0).all()
+
+
+def _batch(rng, b, s):
+    ids = rng.integers(3, TINY.vocab_size, (b, s + 1))
+    lengths = rng.integers(s // 2, s + 1, b)
+    mask = (np.arange(s)[None] < lengths[:, None]).astype(np.int32)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
+            "segment_ids": mask, "positions": np.tile(np.arange(s), (b, 1))}
+
+
+def _train(steps, monkeypatch, kernels: bool):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1" if kernels else "0")
+    model = LlamaForCausalLM(TINY)
+    params = init_params(TINY, jax.random.PRNGKey(1))
+    cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, weight_decay=0.1, grad_clip=0.5,
+                          z_loss=1e-4)
+    opt = make_optimizer(cfg, 10, params)
+    step = jax.jit(make_train_step(model.apply, opt, z_loss=cfg.z_loss,
+                                   in_place_update=make_in_place_update(cfg, 10, params)),
+                   donate_argnums=(0,))
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
+                       rng=jax.random.PRNGKey(0))
+    rng = np.random.default_rng(7)
+    batches = [jax.tree.map(jnp.asarray, _batch(rng, 4, 16)) for _ in range(steps)]
+    hlo = step.lower(state, batches[0]).as_text()
+    losses = []
+    for b in batches:
+        state, metrics = step(state, b)
+        losses.append(float(metrics["loss"]))
+    return state, losses, hlo
+
+
+def test_train_step_with_kernels_matches_xla_loops(one_cpu, monkeypatch):
+    s_nat, l_nat, hlo_nat = _train(3, monkeypatch, kernels=True)
+    s_xla, l_xla, hlo_xla = _train(3, monkeypatch, kernels=False)
+    n_params = len(jax.tree.leaves(s_nat.params))
+    assert hlo_nat.count("@gorilla_adamw_in_place(") == n_params
+    assert hlo_nat.count("@gorilla_exp_rows(") == 1
+    assert "@gorilla_" not in hlo_xla
+    np.testing.assert_allclose(l_nat, l_xla, rtol=1e-5)
+    assert l_nat[2] < l_nat[0]
+    for a, b in zip(jax.tree.leaves(s_nat), jax.tree.leaves(s_xla)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
