@@ -122,7 +122,7 @@ def test_adamw_in_place_matches_optax(one_cpu, clip):
     assert moved.all()  # every chunk, the tail included
 
 
-def test_in_place_update_declines_off_one_cpu_device_and_for_bfloat16(one_cpu):
+def test_in_place_update_declines_off_one_cpu_device_for_bfloat16_and_other_states(one_cpu):
     params = {"w": jnp.ones((5,), jnp.float32)}
     cfg = OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
     update = make_in_place_update(cfg, 10, params)
@@ -132,6 +132,8 @@ def test_in_place_update_declines_off_one_cpu_device_and_for_bfloat16(one_cpu):
     assert update(half, half, 1.0, jnp.float32(1), state) is None
     with sharding.activate(Mesh(np.array(jax.devices()), ("data",))):
         assert update(params, params, 1.0, jnp.float32(1), state) is None
+    sgd_state = optax.sgd(0.1).init(params)  # another optimizer's state
+    assert update(params, params, 1.0, jnp.float32(1), sgd_state) is None
 
 
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
