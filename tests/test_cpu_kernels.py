@@ -1,5 +1,5 @@
-"""The native CPU kernels (gorilla_jax/cpu_kernels): build, AdamW in place, the head's
-exponentials, and the train step with them against the step with XLA's loops."""
+"""The native CPU kernel (gorilla_jax/cpu_kernels): build, AdamW in place, and the train step
+with it against the step with XLA's loops."""
 import stat
 
 import jax
@@ -13,13 +13,13 @@ from gorilla_jax import cpu_kernels, sharding
 from gorilla_jax.config import OptimizerConfig
 from gorilla_jax.model import LlamaForCausalLM, init_params
 from gorilla_jax.train.optimizer import make_in_place_update, make_optimizer
-from gorilla_jax.train.step import TrainState, _exp_once_grads, make_train_step
+from gorilla_jax.train.step import TrainState, make_train_step
 from test_train_step import TINY, _batch
 
 
 @pytest.fixture
 def one_cpu():
-    """A one-device mesh: the tests run with 8 host devices, where the kernels stay off."""
+    """A one-device mesh: the tests run with 8 host devices, where the kernel stays off."""
     with sharding.activate(Mesh(np.array(jax.devices()[:1]), ("data",))):
         yield
 
@@ -58,7 +58,7 @@ def test_failed_build_names_the_command_and_leaves_nothing(tmp_path):
     assert list(dest.parent.iterdir()) == []
 
 
-def test_no_compiler_turns_the_kernels_off(monkeypatch, one_cpu):
+def test_no_compiler_turns_the_kernel_off(monkeypatch, one_cpu):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setattr(cpu_kernels, "_state", {})
     assert cpu_kernels.compiler() is None
@@ -136,42 +136,8 @@ def test_in_place_update_declines_off_one_cpu_device_for_bfloat16_and_other_stat
     assert update(params, params, 1.0, jnp.float32(1), sgd_state) is None
 
 
-@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-def test_exp_rows_matches_xla(one_cpu, monkeypatch, z_loss):
-    rng = np.random.default_rng(1)
-    T, V = 37, 1013  # a row length that is no multiple of the kernel's 16 lanes
-    logits = rng.normal(size=(T, V)).astype(np.float32) * 4
-    targets = rng.integers(0, V, T).astype(np.int32)
-    logits[np.arange(T), targets] += rng.uniform(0, 30, T).astype(np.float32)  # peaked rows
-    logits[3, :500] -= 120.0  # exponentials below float32's range: 0
-    targets[5], targets[6] = -2, V + 4  # from the end, as jax indexes; out of range: dropped
-    mask = (rng.uniform(size=T) > 0.2).astype(np.float32)
-    target_logit = jnp.asarray(logits[np.arange(T), targets % V])
-    f = jax.jit(lambda l: _exp_once_grads(l, jnp.asarray(targets), jnp.asarray(mask), z_loss,
-                                          target_logit))
-    assert "@gorilla_exp_rows(" in f.lower(jnp.asarray(logits)).as_text()
-    lse, u, c = (np.asarray(x) for x in f(jnp.asarray(logits)))
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-    f_xla = jax.jit(lambda l: _exp_once_grads(l, jnp.asarray(targets), jnp.asarray(mask), z_loss,
-                                              target_logit))
-    assert "@gorilla_exp_rows(" not in f_xla.lower(jnp.asarray(logits)).as_text()
-    lse_x, u_x, c_x = (np.asarray(x) for x in f_xla(jnp.asarray(logits)))
-    np.testing.assert_allclose(lse, lse_x, rtol=1e-6)
-    np.testing.assert_allclose(c, c_x, rtol=1e-5)
-    np.testing.assert_allclose(u, u_x, rtol=1e-5, atol=1e-6)
-    # against float64: the logits' gradient c * u is softmax * (1 + 2 z lse) - onehot, masked
-    l64 = logits.astype(np.float64)
-    lse64 = np.log(np.exp(l64 - l64.max(1, keepdims=True)).sum(1)) + l64.max(1)
-    want = np.exp(l64 - lse64[:, None]) * (1 + 2 * z_loss * lse64)[:, None]
-    want[np.arange(T), targets % V] -= np.where(targets < V, 1.0, 0.0)
-    np.testing.assert_allclose(c[:, None] * u, want * mask[:, None], atol=2e-6)
-    np.testing.assert_allclose(lse, lse64, rtol=1e-6)
-    others = np.arange(V) != targets[3]
-    assert (u[3, :500][others[:500]] == 0).all() and (u[3, 500:][others[500:]] > 0).all()
-
-
-def _train(steps, monkeypatch, kernels: bool):
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1" if kernels else "0")
+def _train(steps, monkeypatch, kernel: bool):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1" if kernel else "0")
     model = LlamaForCausalLM(TINY)
     params = init_params(TINY, jax.random.PRNGKey(1))
     cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, weight_decay=0.1, grad_clip=0.5,
@@ -192,12 +158,11 @@ def _train(steps, monkeypatch, kernels: bool):
     return state, losses, hlo
 
 
-def test_train_step_with_kernels_matches_xla_loops(one_cpu, monkeypatch):
-    s_nat, l_nat, hlo_nat = _train(3, monkeypatch, kernels=True)
-    s_xla, l_xla, hlo_xla = _train(3, monkeypatch, kernels=False)
+def test_train_step_with_the_kernel_matches_xla_loops(one_cpu, monkeypatch):
+    s_nat, l_nat, hlo_nat = _train(3, monkeypatch, kernel=True)
+    s_xla, l_xla, hlo_xla = _train(3, monkeypatch, kernel=False)
     n_params = len(jax.tree.leaves(s_nat.params))
     assert hlo_nat.count("@gorilla_adamw_in_place(") == n_params
-    assert hlo_nat.count("@gorilla_exp_rows(") == 1
     assert "@gorilla_" not in hlo_xla
     np.testing.assert_allclose(l_nat, l_xla, rtol=1e-5)
     assert l_nat[2] < l_nat[0]

@@ -2,7 +2,7 @@
 
 - Model: a :class:`~gorilla_jax.config.ModelConfig`; JAX runs the project's own
   ``LlamaForCausalLM`` and train step (``make_train_step`` + ``make_optimizer``, jit with the
-  state donated, and on CPU the logits workspace and the native kernels of
+  state donated, and on CPU the logits workspace and the native AdamW kernel of
   ``gorilla_jax.cpu_kernels``, as the train loop runs it), PyTorch runs
   transformers' ``LlamaForCausalLM`` (eager, or the model and its loss under ``torch.compile``).
 - Weights: one seeded set drawn in numpy under HF tensor names (normal(initializer_range),

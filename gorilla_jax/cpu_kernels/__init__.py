@@ -1,23 +1,20 @@
-"""Native CPU kernels for the train step's memory-bound passes, called through XLA's FFI.
+"""A native CPU kernel for the train step's optimizer update, called through XLA's FFI.
 
 XLA:CPU in jaxlib 0.10.2 has no multi-output fusion: the clipped AdamW update of one parameter
-is three loops (first moment, second moment, parameter), and the LM head's softmax numerators
-three passes over the [B*S, V] logits (max, exp, sum). ``kernels.cc`` does each in one pass:
+is three loops (first moment, second moment, parameter), which read the moments twice.
+:func:`adamw_in_place` (``kernels.cc``) is one pass: it reads gradient sums, parameter and
+moments once and writes the three back in place (the 19M benchmark model: 17 -> 12 ms alone,
+about 1.5% of the train step; docs/PERFORMANCE.md). It runs on the calling XLA thread and
+XLA's intra-op pool.
 
-- :func:`adamw_in_place`: reads gradient sums, parameter and moments once, writes the three
-  back in place (the 19M benchmark model: 17 -> 12 ms alone).
-- :func:`exp_rows`: ``exp(logits - row max)`` over the logits in place, row by row while the
-  row is in cache, with each row's sum and the target-entry correction of the loss gradient
-  (the head's passes 14 -> 9 ms alone).
-
-Both use the calling XLA thread and XLA's intra-op pool. The library is compiled on first use
-with the system C++ compiler (``$CXX``, else ``c++``/``g++``) against jaxlib's FFI headers,
-for this CPU (``-march=native``), into a cache directory keyed by the source, the jaxlib
-version, the compiler and the CPU (``$GORILLA_JAX_CACHE`` or ``~/.cache/gorilla_jax``); a build
-is written to a temporary file and renamed into place, so no half-written library is ever
-loaded. Without a compiler, or when the build fails, :func:`usable` is False (the reason is
-logged once and given by :func:`unavailable_reason`) and the train step runs XLA's loops
-instead. ``GORILLA_JAX_CPU_KERNELS=0`` turns the kernels off.
+The library is compiled on first use with the system C++ compiler (``$CXX``, else
+``c++``/``g++``) against jaxlib's FFI headers, for this CPU (``-march=native``), into a cache
+directory keyed by the source, the jaxlib version, the compiler and the CPU
+(``$GORILLA_JAX_CACHE`` or ``~/.cache/gorilla_jax``); a build is written to a temporary file and
+renamed into place, so no half-written library is ever loaded. Without a compiler, or when the
+build fails, :func:`usable` is False (the reason is logged once and given by
+:func:`unavailable_reason`) and the train step runs XLA's loops instead.
+``GORILLA_JAX_CPU_KERNELS=0`` turns the kernel off.
 """
 from __future__ import annotations
 
@@ -42,7 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cc")
 ENV_SWITCH = "GORILLA_JAX_CPU_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
-TARGETS = {"gorilla_adamw_in_place": "GorillaAdamWInPlace", "gorilla_exp_rows": "GorillaExpRows"}
+TARGETS = {"gorilla_adamw_in_place": "GorillaAdamWInPlace"}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (the loaded library) or "error" (why there is none)
@@ -107,7 +104,7 @@ def _load():
                 raise RuntimeError("no C++ compiler ($CXX, c++ or g++) on PATH")
             path = library_path(cxx)
             if not path.exists():
-                log.info("building the CPU kernels: %s", path)
+                log.info("building the CPU kernel library: %s", path)
                 build(cxx, path)
             lib = ctypes.CDLL(str(path))
             for target, symbol in TARGETS.items():
@@ -116,7 +113,7 @@ def _load():
             _state["lib"] = lib
         except Exception as e:  # a missing compiler, a failed build or load: XLA's loops instead
             _state["error"] = f"{type(e).__name__}: {e}"
-            log.warning("CPU kernels unavailable, the train step uses XLA's loops: %s",
+            log.warning("CPU kernel unavailable, the train step uses XLA's loops: %s",
                         _state["error"])
         return _state.get("lib")
 
@@ -132,7 +129,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def usable() -> bool:
-    """Whether the train step uses the kernels: on one CPU device (the active mesh's, else the
+    """Whether the train step uses the kernel: on one CPU device (the active mesh's, else the
     whole process's), unless ``GORILLA_JAX_CPU_KERNELS=0``, with the library available.
 
     A mesh of several devices keeps XLA's loops, which its partitioner splits over devices.
@@ -165,20 +162,3 @@ def adamw_in_place(param, grad_sums, mu, nu, scalars, weight_decay: float):
                             input_output_aliases={0: 0, 2: 1, 3: 2})
     with jax.named_scope("adamw_in_place"):  # its name in profiles (bench train --profile)
         return call(param, grad_sums, mu, nu, scalars, weight_decay=np.float32(weight_decay))
-
-
-def exp_rows(logits, targets, after, z_loss: float):
-    """``(u, row_max, row_sum)`` for float32 logits [T, V] and int32 targets [T]:
-    ``u = exp(logits - row_max)`` (written over the logits when they are not read elsewhere),
-    ``row_sum`` its row sums, and each row's target entry less ``row_sum / zf`` with
-    ``zf = 1 + 2 z_loss lse`` (1e-30 where that is 0), as in train/step.py's
-    ``_exp_once_grads``. ``after`` [T] float32 is only an operand, so that whatever computes it
-    runs first.
-    """
-    T, V = logits.shape
-    shapes = (jax.ShapeDtypeStruct((T, V), jnp.float32), jax.ShapeDtypeStruct((T,), jnp.float32),
-              jax.ShapeDtypeStruct((T,), jnp.float32))
-    call = jax.ffi.ffi_call("gorilla_exp_rows", shapes, input_output_aliases={0: 0})
-    with jax.named_scope("exp_rows"):
-        return call(logits, targets.astype(jnp.int32), after.astype(jnp.float32),
-                    z_loss=np.float32(z_loss))

@@ -1,11 +1,8 @@
-// XLA FFI handlers for two memory-bound passes of the train step on CPU, each one pass over
-// its arrays where XLA:CPU (jaxlib 0.10.2, no multi-output fusion) makes several:
+// An XLA FFI handler for a memory-bound pass of the train step on CPU, one pass over its
+// arrays where XLA:CPU (jaxlib 0.10.2, no multi-output fusion) makes several:
 //
 //   gorilla_adamw_in_place: clipping + AdamW for one parameter, reading the gradient sums,
 //     the parameter and its two moments once and writing the three back in place.
-//   gorilla_exp_rows: the LM head's softmax numerators, row by row (a row of the logits stays
-//     in cache between its max pass and its exp-and-sum pass), with the target entry
-//     corrected as train/step.py's _exp_once_grads does.
 //
 // The work is cut into chunks that the calling thread and XLA's intra-op pool threads claim
 // from a shared counter. The caller waits only for chunks another thread has already claimed
@@ -13,7 +10,6 @@
 // itself inside such a call. Built by gorilla_jax/cpu_kernels/__init__.py.
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -100,97 +96,7 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> param,
   return ffi::Error::Success();
 }
 
-// ------------------------------------------------------------------------ softmax numerators
-
-// exp(x) for x <= 0 (x - row max): Cody-Waite reduction by ln 2 and a degree-6 polynomial,
-// written so that the compiler vectorizes it; 0 below float32's normal range (XLA:CPU flushes
-// subnormals to zero too).
-inline float ExpNonPositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln 2)
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = q * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : q * scale;
-}
-
-constexpr int kLanes = 16;
-
-// One row: u = exp(x - max) in place, its sum; the target entry gets s / zf taken off.
-void ExpRow(float* __restrict x, int64_t cols, int32_t target, float z_loss, float* row_max,
-            float* row_sum) {
-  float lane[kLanes];
-  for (int k = 0; k < kLanes; ++k) lane[k] = -INFINITY;
-  const int64_t body = cols - cols % kLanes;
-  for (int64_t j = 0; j < body; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) lane[k] = x[j + k] > lane[k] ? x[j + k] : lane[k];
-  float m = -INFINITY;
-  for (int k = 0; k < kLanes; ++k) m = lane[k] > m ? lane[k] : m;
-  for (int64_t j = body; j < cols; ++j) m = x[j] > m ? x[j] : m;
-  // lane sums over at most 32 terms each, then accumulated in double: as accurate as XLA's
-  // tree reduction (a row-long float sum per lane was 30x less accurate)
-  constexpr int64_t kBlock = 32 * kLanes;
-  double total = 0.0;
-  for (int64_t j0 = 0; j0 < body; j0 += kBlock) {
-    const int64_t j1 = std::min(body, j0 + kBlock);
-    for (int k = 0; k < kLanes; ++k) lane[k] = 0.0f;
-    for (int64_t j = j0; j < j1; j += kLanes)
-      for (int k = 0; k < kLanes; ++k) {
-        const float e = ExpNonPositive(x[j + k] - m);
-        x[j + k] = e;
-        lane[k] += e;
-      }
-    for (int k = 0; k < kLanes; ++k) total += lane[k];
-  }
-  for (int64_t j = body; j < cols; ++j) {
-    const float e = ExpNonPositive(x[j] - m);
-    x[j] = e;
-    total += e;
-  }
-  const float s = static_cast<float>(total);
-  float zf = 1.0f + 2.0f * z_loss * (m + std::log(s));
-  if (zf == 0.0f) zf = 1e-30f;
-  if (target < 0) target += cols;                          // as jax's indexing: from the end
-  if (target >= 0 && target < cols) x[target] -= s / zf;  // out of range: dropped, as a scatter
-  *row_max = m;
-  *row_sum = s;
-}
-
-constexpr int64_t kRowsPerChunk = 8;
-
-ffi::Error ExpRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
-                       ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> after, float z_loss,
-                       ffi::ResultBuffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> row_max,
-                       ffi::ResultBuffer<ffi::F32> row_sum) {
-  (void)after;  // an operand only so that whatever computes it runs first
-  const auto dims = logits.dimensions();
-  if (dims.size() != 2 || static_cast<int64_t>(targets.element_count()) != dims[0])
-    return ffi::Error::InvalidArgument("gorilla_exp_rows: logits [T, V] and targets [T]");
-  const int64_t rows = dims[0], cols = dims[1];
-  float* out = u->typed_data();
-  if (out != logits.typed_data())
-    std::memcpy(out, logits.typed_data(), rows * cols * sizeof(float));
-  const int32_t* t = targets.typed_data();
-  float* mx = row_max->typed_data();
-  float* sm = row_sum->typed_data();
-  ParallelChunks(pool, (rows + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t c) {
-    for (int64_t r = c * kRowsPerChunk, end = std::min(rows, r + kRowsPerChunk); r < end; ++r)
-      ExpRow(out + r * cols, cols, t[r], z_loss, mx + r, sm + r);
-  });
-  return ffi::Error::Success();
-}
-
 using F32 = ffi::Buffer<ffi::F32>;
-using S32 = ffi::Buffer<ffi::S32>;
 
 }  // namespace
 
@@ -203,17 +109,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GorillaAdamWInPlace, AdamWImpl,
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Attr<float>("weight_decay")
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GorillaExpRows, ExpRowsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<S32>()
-                                  .Arg<F32>()
-                                  .Attr<float>("z_loss")
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>());

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gorilla_jax import cpu_kernels
 from gorilla_jax.model.layers import materialised_transpose, unsplit
 from gorilla_jax.sharding import with_logical_constraint
 
@@ -134,24 +133,13 @@ def _exp_once_grads(logits, targets, mask, z_loss, target_logit):
     before the head's update in the train step, which writes over the donated head in place.
     Without it the gather was ordered only before the loss, and XLA copied the head (33 MB
     for the 19M benchmark model) at the start of every step to keep it readable.
-
-    On one CPU device with float32 logits the three passes (max, exp, sum) and the scatter are
-    one native kernel (:func:`gorilla_jax.cpu_kernels.exp_rows`), ``target_logit`` its operand.
     """
-    def z_factor(lse):
-        zf = 1.0 + 2.0 * z_loss * lse if z_loss else jnp.ones_like(lse)
-        return jnp.where(zf == 0.0, jnp.float32(1e-30), zf)  # lse == -1/(2z): gradient -onehot
-
-    if logits.dtype == jnp.float32 and cpu_kernels.usable():
-        # one pass per row, while the row is in cache (gorilla_jax/cpu_kernels)
-        u, row_max, s = cpu_kernels.exp_rows(logits, targets, target_logit, z_loss)
-        lse = row_max + jnp.log(s)
-        return lse, u, mask * z_factor(lse) / s
     row_max = jnp.max(logits, axis=-1)
     e = jnp.exp(logits - row_max[:, None])
     s = jnp.sum(e, axis=-1)
     lse = row_max + jnp.log(s)
-    zf = z_factor(lse)
+    zf = 1.0 + 2.0 * z_loss * lse if z_loss else jnp.ones_like(lse)
+    zf = jnp.where(zf == 0.0, jnp.float32(1e-30), zf)  # lse == -1 / (2 z): the gradient is -onehot
     rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
     u = e.at[rows, targets].add(-s / zf + 0.0 * target_logit, indices_are_sorted=True,
                                 unique_indices=True)
