@@ -24,11 +24,6 @@ def one_cpu():
         yield
 
 
-@pytest.fixture
-def kernels_off(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-
-
 def test_library_builds_loads_and_registers(tmp_path):
     assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
     assert cpu_kernels.unavailable_reason() is None

@@ -79,10 +79,15 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
         del params, extra_args
         norm = optax.global_norm(updates) if grad_norm is None else grad_norm
-        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        factor = clip_factor(norm, max_norm)
         return jax.tree.map(lambda u: u * factor.astype(u.dtype), updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def clip_factor(norm, max_norm: float):
+    """The factor that scales gradients of global norm ``norm`` to at most ``max_norm``."""
+    return jnp.where(norm < max_norm, 1.0, max_norm / norm)
 
 
 def make_in_place_update(cfg: OptimizerConfig, total_steps: int, params):
@@ -113,7 +118,7 @@ def make_in_place_update(cfg: OptimizerConfig, total_steps: int, params):
         if adam is None or sched is None:  # not make_optimizer's chain
             return None
         count = optax.safe_increment(adam.count)
-        factor = 1.0 if clip is None else jnp.where(grad_norm < clip, 1.0, clip / grad_norm)
+        factor = 1.0 if clip is None else clip_factor(grad_norm, clip)
         # as optax computes them: 1 - b from Python floats, b ** count for the bias corrections
         scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in (
             grad_scale, factor, cfg.b1, 1 - cfg.b1, cfg.b2, 1 - cfg.b2, cfg.eps,
