@@ -44,7 +44,7 @@ setup(
     packages=find_packages(include=["gorilla_jax*", "data_pipeline*", "eval*"]),
     package_data={"data_pipeline": ["sample/*", "sample/**/*"],
                   # compiled on first use (gorilla_jax/cpu_kernels)
-                  "gorilla_jax": ["cpu_kernels/kernels.cc"]},
+                  "gorilla_jax": ["cpu_kernels/*.cc", "cpu_kernels/*.h"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require={
