@@ -1,11 +1,14 @@
-"""A native CPU kernel for the train step's optimizer update, called through XLA's FFI.
+"""Native CPU kernels for the train step, called through XLA's FFI.
 
-XLA:CPU in jaxlib 0.10.2 has no multi-output fusion: the clipped AdamW update of one parameter
-is three loops (first moment, second moment, parameter), which read the moments twice.
-:func:`adamw_in_place` (``kernels.cc``) is one pass: it reads gradient sums, parameter and
-moments once and writes the three back in place (the 19M benchmark model: 17 -> 12 ms alone,
-about 1.5% of the train step; docs/PERFORMANCE.md). It runs on the calling XLA thread and
-XLA's intra-op pool.
+- :func:`adamw_in_place` (``kernels.cc``): XLA:CPU in jaxlib 0.10.2 has no multi-output fusion,
+  so the clipped AdamW update of one parameter is three loops (first moment, second moment,
+  parameter), which read the moments twice. The kernel is one pass: it reads gradient sums,
+  parameter and moments once and writes the three back in place (the 19M benchmark model:
+  17 -> 12 ms alone, about 1.5% of the train step; docs/PERFORMANCE.md).
+- causal grouped-query attention with the rotary embedding, forward and backward
+  (``attention.cc``, called by :mod:`gorilla_jax.cpu_kernels.attention`).
+
+They run on the calling XLA thread and XLA's intra-op pool (``parallel.h``).
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else
 ``c++``/``g++``) against jaxlib's FFI headers, for this CPU (``-march=native``), into a cache
@@ -14,7 +17,7 @@ directory keyed by the source, the jaxlib version, the compiler and the CPU
 renamed into place, so no half-written library is ever loaded. Without a compiler, or when the
 build fails, :func:`usable` is False (the reason is logged once and given by
 :func:`unavailable_reason`) and the train step runs XLA's loops instead.
-``GORILLA_JAX_CPU_KERNELS=0`` turns the kernel off.
+``GORILLA_JAX_CPU_KERNELS=0`` turns the kernels off.
 """
 from __future__ import annotations
 
@@ -36,10 +39,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.cc")
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cc", "attention.cc")]
+HEADERS = [Path(__file__).with_name("parallel.h")]
 ENV_SWITCH = "GORILLA_JAX_CPU_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
-TARGETS = {"gorilla_adamw_in_place": "GorillaAdamWInPlace"}
+TARGETS = {"gorilla_adamw_in_place": "GorillaAdamWInPlace",
+           "gorilla_attention_fwd": "GorillaAttentionFwd",
+           "gorilla_attention_bwd": "GorillaAttentionBwd"}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (the loaded library) or "error" (why there is none)
@@ -71,18 +77,18 @@ def _cpu_fingerprint() -> str:
 def library_path(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), jax.ffi.include_dir(), jax.__version__, version, " ".join(FLAGS),
+        *(f.read_text() for f in SOURCES + HEADERS), jax.ffi.include_dir(), jax.__version__, version, " ".join(FLAGS),
         _cpu_fingerprint()]).encode()).hexdigest()[:16]
     return cache_dir() / f"kernels-{key}.so"
 
 
 def build(cxx: str, out: Path) -> Path:
-    """Compile ``kernels.cc`` to ``out`` (atomically: a temporary file renamed into place)."""
+    """Compile the kernel sources to ``out`` (atomically: a temporary file renamed into place)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
@@ -129,7 +135,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def usable() -> bool:
-    """Whether the train step uses the kernel: on one CPU device (the active mesh's, else the
+    """Whether the train step uses the kernels: on one CPU device (the active mesh's, else the
     whole process's), unless ``GORILLA_JAX_CPU_KERNELS=0``, with the library available.
 
     A mesh of several devices keeps XLA's loops, which its partitioner splits over devices.

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from gorilla_jax.config import ModelConfig
+from gorilla_jax.cpu_kernels import attention as native_attention
 from gorilla_jax.model.layers import (apply_rope, can_fuse, computed_after, dtype_of,
                                      fused_projections, kernel, materialised_transpose,
                                      normal_init, project_out_in, unsplit)
@@ -308,6 +309,7 @@ class Attention(nn.Module):
         x = x.astype(dt)
         B, S = x.shape[:2]
         out_in = self.has_variable("params", "qkv_t")  # the decode layout (model/decode_layout.py)
+        wo = None
         if out_in:
             qkv = project_out_in(x, self.get_variable("params", "qkv_t"), dt)
             q, k, v = jnp.split(qkv, (H * Dh, (H + KV) * Dh), axis=-1)
@@ -323,6 +325,11 @@ class Attention(nn.Module):
                 q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dt))
                 k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt))
                 v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt))
+        if (cache is None and cfg.attention == "xla"
+                and native_attention.applies(q, k, dt, cos)):
+            # one CPU device: the native kernels, which also apply the rotary embedding
+            return self._project_out(native_attention.causal_attention(
+                q, k, v, mask, cos, sin, Dh ** -0.5), out_in, wo, dt), None
         q = with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -346,9 +353,12 @@ class Attention(nn.Module):
             if out is None:
                 out = dot_product_attention(q, k, v, mask, dt, causal_query_blocks(S),
                                             attention_batch_parts(B))
+        return self._project_out(out, out_in, wo, dt), new_cache
+
+    def _project_out(self, out, out_in: bool, wo, dt):
+        """The output projection of the heads' outputs [B, S, H, Dh] -> [B, S, D]."""
+        B, S = out.shape[:2]
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         if out_in:
-            y = project_out_in(out.reshape(B, S, H * Dh), self.get_variable("params", "o_t"), dt)
-        else:
-            y = jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt))
-        return y, new_cache
+            return project_out_in(out.reshape(B, S, -1), self.get_variable("params", "o_t"), dt)
+        return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt))
