@@ -10,7 +10,10 @@ Kernels (``config.attention``), for the forward pass without a cache:
 - ``xla``: einsum + float32 softmax (:func:`dot_product_attention`); runs everywhere. The
   causal queries are split into up to 4 blocks, each scored only against the keys up to its
   end (:func:`causal_query_blocks`); on CPU the batch is also cut into independent parts
-  (:func:`attention_batch_parts`).
+  (:func:`attention_batch_parts`). On one CPU device with float32 compute (head dims that are
+  multiples of 16) the native kernels of :mod:`gorilla_jax.cpu_kernels.attention` run instead,
+  RoPE included (:func:`gorilla_jax.cpu_kernels.attention.applies`); their rows without any
+  key are uniform over the keys up to their own position.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU; fp16/bf16 compute).
   On other backends the same call runs with its XLA implementation.
 - ``splash``: the Pallas TPU splash-attention kernel with a causal mask and segment ids
@@ -292,7 +295,8 @@ class Attention(nn.Module):
     """Self-attention: q/k/v projections, RoPE, GQA softmax attention, output projection.
 
     ``cache``: None, or ``(k, v, index)``: this layer's cache arrays (k [B,KV,T,Dh],
-    v [B,KV,Dh,T]) and the first slot to write. Returns ``(out, (k, v))`` with the new keys/values written.
+    v [B,KV,Dh,T]) and the first slot to write. Returns ``(out, (k, v))`` with the new keys/values
+    written (``(out, None)`` without a cache).
     Params: q/k/v/o_proj kernels, or in the decode layout ``qkv_t`` and ``o_t``
     (model/decode_layout.py).
     """
