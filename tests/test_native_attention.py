@@ -13,14 +13,8 @@ from gorilla_jax.cpu_kernels import attention as native
 from gorilla_jax.model import LlamaForCausalLM, init_params
 from gorilla_jax.model.attention import _MASK_VALUE, build_mask
 from gorilla_jax.model.layers import apply_rope
+from test_cpu_kernels import one_cpu  # noqa: F401 (the fixture: a one-device mesh)
 from test_train_step import TINY
-
-
-@pytest.fixture
-def one_cpu():
-    """A one-device mesh: the tests run with 8 host devices, where the kernels stay off."""
-    with sharding.activate(Mesh(np.array(jax.devices()[:1]), ("data",))):
-        yield
 
 
 def reference(q, k, v, mask, cos, sin, scale):
