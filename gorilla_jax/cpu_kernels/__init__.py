@@ -77,8 +77,8 @@ def _cpu_fingerprint() -> str:
 def library_path(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([
-        *(f.read_text() for f in SOURCES + HEADERS), jax.ffi.include_dir(), jax.__version__, version, " ".join(FLAGS),
-        _cpu_fingerprint()]).encode()).hexdigest()[:16]
+        *(f.read_text() for f in SOURCES + HEADERS), jax.ffi.include_dir(), jax.__version__,
+        version, " ".join(FLAGS), _cpu_fingerprint()]).encode()).hexdigest()[:16]
     return cache_dir() / f"kernels-{key}.so"
 
 

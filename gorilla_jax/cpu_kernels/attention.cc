@@ -167,8 +167,8 @@ ffi::Error CheckDims(ffi::AnyBuffer::Dimensions q, ffi::AnyBuffer::Dimensions k,
     return ffi::Error::InvalidArgument("gorilla_attention: q, k, v of rank 4 and a rank-3 mask");
   d->B = q[0], d->S = q[1], d->H = q[2], d->Dh = q[3], d->KV = k[2], d->Bm = mask[0];
   if (k[0] != d->B || k[1] != d->S || k[3] != d->Dh || v[0] != k[0] || v[1] != k[1] ||
-      v[2] != k[2] || v[3] != k[3] || d->KV == 0 || d->H % d->KV != 0 || d->Dh % 16 != 0 || d->Dh > 1024 ||
-      (d->Bm != 1 && d->Bm != d->B) || mask[1] != d->S || mask[2] != d->S)
+      v[2] != k[2] || v[3] != k[3] || d->KV == 0 || d->H % d->KV != 0 || d->Dh % 16 != 0 ||
+      d->Dh > 1024 || (d->Bm != 1 && d->Bm != d->B) || mask[1] != d->S || mask[2] != d->S)
     return ffi::Error::InvalidArgument(
         "gorilla_attention: q [B,S,H,Dh], k and v [B,S,KV,Dh] with KV dividing H, Dh a multiple "
         "of 16 up to 1024, mask [1 or B,S,S]");
@@ -373,8 +373,8 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                             ffi::Buffer<ffi::F32> sin, float scale,
                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Dims d;
-  if (auto err = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), cos, sin,
-                           &d);
+  if (auto err = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(),
+                           cos, sin, &d);
       !err.success())
     return err;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
@@ -422,13 +422,14 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                             ffi::ResultBuffer<ffi::F32> dv) {
   Dims d;
-  if (auto err = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), cos, sin,
-                           &d);
+  if (auto err = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(),
+                           cos, sin, &d);
       !err.success())
     return err;
   if (out.element_count() != q.element_count() || d_out.element_count() != q.element_count() ||
       lse.element_count() != static_cast<size_t>(d.B * d.KV * d.M))
-    return ffi::Error::InvalidArgument("gorilla_attention_bwd: out and d_out like q, lse [B,KV,S*G]");
+    return ffi::Error::InvalidArgument(
+        "gorilla_attention_bwd: out and d_out like q, lse [B,KV,S*G]");
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *outp = out.typed_data(), *lp = lse.typed_data(), *dop = d_out.typed_data();
   const bool* mp = mask.typed_data();
@@ -457,7 +458,8 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     std::memset(dV, 0, d.Tp * d.Dh * sizeof(float));
     for (int64_t r = 0; r < d.Mp; ++r) {  // delta_r = d_out_r . out_r
       V16 acc{};
-      for (int64_t e = 0; e < d.Dh; e += 16) acc += Load(dO + r * d.Dh + e) * Load(Ob + r * d.Dh + e);
+      for (int64_t e = 0; e < d.Dh; e += 16)
+        acc += Load(dO + r * d.Dh + e) * Load(Ob + r * d.Dh + e);
       delta[r] = HorizontalSum(acc);
     }
     const bool* mask_b = mp + (d.Bm == 1 ? 0 : b) * d.S * d.S;

@@ -2,10 +2,12 @@
 in ``attention.cc`` (forward and a hand-written backward, as XLA FFI calls).
 
 XLA:CPU runs the attention core of model/attention.py (:func:`dot_product_attention`) as many
-small batched products with layout transposes, slices, pads and copies around them. The
-kernels do one (batch row, kv head) at a time with its keys and values in cache, skip the keys
-after each query block (causal), and save only each query row's log-sum-exp for the backward,
-which recomputes the probabilities (19M benchmark model: docs/PERFORMANCE.md).
+small batched products with layout transposes, slices, pads and copies around them, and the
+rotary embedding and its backward as separate passes. The kernels apply the rotary embedding
+as they copy q and k in, do one (batch row, kv head) at a time with its keys and values in
+cache, skip the keys after each query tile (causal), and save only each query row's
+log-sum-exp for the backward, which recomputes the probabilities (19M benchmark model: the
+train step 3.3% faster; docs/PERFORMANCE.md).
 
 :func:`applies` says when :class:`gorilla_jax.model.attention.Attention` uses them: the kernels
 are usable (:func:`gorilla_jax.cpu_kernels.usable`: one CPU device, not switched off, built),
@@ -29,9 +31,9 @@ def applies(q, k, dtype, cos) -> bool:
     """Whether :func:`causal_attention` runs for q [B,S,H,Dh], k [B,T,KV,Dh] in ``dtype`` with
     the rotary embedding's ``cos`` (and sin) [B,S,Dh]."""
     B, S, H, Dh = q.shape
-    return (jnp.dtype(dtype) == jnp.float32 and tuple(cos.shape) == (B, S, Dh) and q.dtype == jnp.float32
-            and k.dtype == jnp.float32 and k.shape[1] == S and H % k.shape[2] == 0
-            and Dh % 16 == 0 and Dh <= 1024 and cpu_kernels.usable())
+    return (jnp.dtype(dtype) == jnp.float32 and tuple(cos.shape) == (B, S, Dh)
+            and q.dtype == jnp.float32 and k.dtype == jnp.float32 and k.shape[1] == S
+            and H % k.shape[2] == 0 and Dh % 16 == 0 and Dh <= 1024 and cpu_kernels.usable())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
