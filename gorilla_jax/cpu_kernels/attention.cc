@@ -55,9 +55,10 @@ inline void Tile(const float* A, int64_t ars, int64_t aks, const float* B, int64
     V16 b[NV];
     for (int n = 0; n < NV; ++n) {
       b[n] = Load(B + k * ldb + 16 * n);
-#if defined(__x86_64__)
+#if defined(__AVX512F__)
       // keep b in a register: folded into each row's multiply-add as a memory operand, it was
-      // loaded R times (4 x 32 tiles: 80 -> 90-105 GFLOP/s on one Zen 4 core)
+      // loaded R times (4 x 32 tiles: 80 -> 90-105 GFLOP/s on one Zen 4 core). Only where a
+      // 16-float vector is one register.
       asm("" : "+v"(b[n]));
 #endif
     }
