@@ -2,8 +2,8 @@
 
 - Model: a :class:`~gorilla_jax.config.ModelConfig`; JAX runs the project's own
   ``LlamaForCausalLM`` and train step (``make_train_step`` + ``make_optimizer``, jit with the
-  state donated, and on CPU the logits workspace and the native AdamW kernel of
-  ``gorilla_jax.cpu_kernels``, as the train loop runs it), PyTorch runs
+  state donated, and on CPU the logits workspace and the native AdamW and attention kernels
+  of ``gorilla_jax.cpu_kernels``, as the train loop runs it), PyTorch runs
   transformers' ``LlamaForCausalLM`` (eager, or the model and its loss under ``torch.compile``).
 - Weights: one seeded set drawn in numpy under HF tensor names (normal(initializer_range),
   norm scales 1) and loaded into both, so the first step's loss agrees across frameworks.

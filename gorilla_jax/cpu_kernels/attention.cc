@@ -76,13 +76,12 @@ inline void Tile(const float* A, int64_t ars, int64_t aks, const float* B, int64
 
 // What a product of a causal row block may leave out (rows r0 + i of the item, G rows per
 // position, M rows in all; row r attends keys 0 .. r / G):
-//   kNone
 //   kKeyColumns: N indexes keys; a 4-row tile skips the 32 (16) key columns after its last
 //     position (left unwritten: the caller masks them)
 //   kKeyContraction: K indexes keys; a 4-row tile stops after its last position
 //   kRowContraction: M indexes keys, K the block's rows; a 4-key tile starts at the first row
 //     that attends its first key (accumulating)
-enum class Causal { kNone, kKeyColumns, kKeyContraction, kRowContraction };
+enum class Causal { kKeyColumns, kKeyContraction, kRowContraction };
 
 struct Block {
   int64_t r0, G, M;
@@ -92,9 +91,9 @@ struct Block {
 };
 
 // C[M][N] (+)= A[M][K] B[K][N], A addressed as A[i * ars + k * aks]; M a multiple of 4, N of 16.
-template <bool kAccumulate, Causal kCausal = Causal::kNone>
+template <bool kAccumulate, Causal kCausal>
 void Gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks,
-          const float* B, int64_t ldb, float* C, int64_t ldc, Block blk = {0, 1, 1}) {
+          const float* B, int64_t ldb, float* C, int64_t ldc, Block blk) {
   auto tile = [&](auto width, int64_t j) {
     constexpr int NV = decltype(width)::value;
     for (int64_t i = 0; i < M; i += 4) {
@@ -188,7 +187,7 @@ ffi::Error CheckDims(ffi::AnyBuffer::Dimensions q, ffi::AnyBuffer::Dimensions k,
 
 // Per-thread scratch, grown as needed and kept between calls.
 struct Scratch {
-  std::vector<float> q, dout, kt, kn, vt, vn, p, ds, o, dk, dv, delta;
+  std::vector<float> q, dout, kt, kn, vt, vn, p, ds, o, dk, dv, delta, inv_sum;
   std::vector<int8_t> masks;
   static Scratch& Get() {
     thread_local Scratch s;
@@ -389,7 +388,7 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     float* Vn = Sized(sc.vn, d.Tp * d.Dh);
     float* P = Sized(sc.p, kRowBlock * d.Tp);
     float* O = Sized(sc.o, kRowBlock * d.Dh);
-    float* inv_sum = Sized(sc.delta, kRowBlock);
+    float* inv_sum = Sized(sc.inv_sum, kRowBlock);
     int8_t* masks = Sized(sc.masks, kRowBlock * d.Tp);
     GatherRows(qp, d, b, n, Q, true);
     GatherKeys(kp, d, b, n, nullptr, KT, true);
