@@ -2,8 +2,8 @@
 
 - Model: a :class:`~gorilla_jax.config.ModelConfig`; JAX runs the project's own
   ``LlamaForCausalLM`` and train step (``make_train_step`` + ``make_optimizer``, jit with the
-  state donated, and on CPU the logits workspace and the native AdamW and attention kernels
-  of ``gorilla_jax.cpu_kernels``, as the train loop runs it), PyTorch runs
+  state donated, and on CPU the step's workspace (train/workspace.py) and the native AdamW and
+  attention kernels of ``gorilla_jax.cpu_kernels``, as the train loop runs it), PyTorch runs
   transformers' ``LlamaForCausalLM`` (eager, or the model and its loss under ``torch.compile``).
 - Weights: one seeded set drawn in numpy under HF tensor names (normal(initializer_range),
   norm scales 1) and loaded into both, so the first step's loss agrees across frameworks.
@@ -152,8 +152,9 @@ class JaxTrainRunner:
         from gorilla_jax.model import LlamaForCausalLM, count_params, hf_to_params
         from gorilla_jax.train.optimizer import make_in_place_update, make_optimizer
         from gorilla_jax.model.layers import dtype_of
-        from gorilla_jax.train.step import (JittedTrainStep, TrainState, logits_workspace,
-                                            make_train_step, uses_logits_workspace)
+        from gorilla_jax.train.step import TrainState, make_train_step
+        from gorilla_jax.train.workspace import (JittedTrainStep, logits_workspace,
+                                                 uses_logits_workspace)
 
         spec = self.spec
         rss0 = current_rss_bytes()
@@ -169,7 +170,8 @@ class JaxTrainRunner:
         step = make_train_step(LlamaForCausalLM(cfg).apply, optimizer,
                                in_place_update=make_in_place_update(opt_cfg, 1 << 30, params))
         B, S = spec.batch, spec.seq
-        # as the train loop does: on CPU the logits live in a donated workspace (train/step.py)
+        # as the train loop does: on CPU the step's large arrays live in a donated workspace
+        # (train/workspace.py)
         workspace = (logits_workspace(B, S, cfg.vocab_size, dtype_of(cfg.dtype))
                      if uses_logits_workspace(dtype=cfg.dtype) else None)
         self._step = JittedTrainStep(step, workspace)

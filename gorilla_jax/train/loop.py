@@ -38,9 +38,9 @@ from gorilla_jax.model.layers import dtype_of
 from gorilla_jax.train import metrics as metrics_lib
 from gorilla_jax.train.checkpoints import RunCheckpointer, abstract_like
 from gorilla_jax.train.optimizer import make_in_place_update, make_optimizer, make_schedule
-from gorilla_jax.train.step import (BATCH_KEYS, LOGITS_AXES, JittedTrainStep, TrainState,
-                                    logits_workspace, make_eval_step, make_train_step,
-                                    uses_logits_workspace)
+from gorilla_jax.train.step import (BATCH_KEYS, LOGITS_AXES, TrainState, make_eval_step,
+                                    make_train_step)
+from gorilla_jax.train.workspace import JittedTrainStep, logits_workspace, uses_logits_workspace
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def train(cfg: Config, data_factory: Callable[[Config, Optional[dict]], DataSour
                               z_loss=cfg.optimizer.z_loss, schedule=schedule,
                               in_place_update=make_in_place_update(cfg.optimizer, t.steps,
                                                                    abstract))
-    workspace = None  # the logits' buffer, kept mapped across steps on CPU (see step.py)
+    workspace = None  # on CPU, the step's large arrays kept mapped (train/workspace.py)
     with sharding.activate(mesh):
         if uses_logits_workspace(t.micro_batches, dtype=cfg.model.dtype):
             ws_shape = (t.global_batch_size * cfg.data.seq_len, cfg.model.vocab_size)

@@ -14,8 +14,8 @@ docs/PERFORMANCE.md). With
 gradient accumulation (``micro_batches`` > 1) the batch is split along its first axis, the
 micro-batches' summed losses and gradients are accumulated in a ``lax.scan``, and the sums are
 divided by the total token count once, so 4 micro-batches of 2 give the same update as one
-batch of 8. On CPU the loop also passes a logits workspace through the step
-(:func:`uses_logits_workspace`).
+batch of 8. On CPU the loop also passes a workspace through the step, which keeps the
+step's large arrays in memory that stays mapped across steps (train/workspace.py).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import optax
 
 from gorilla_jax.model.layers import materialised_transpose, unsplit
 from gorilla_jax.sharding import with_logical_constraint
+from gorilla_jax.train.workspace import residual_arrays
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -159,12 +160,12 @@ def head_loss_sums(hidden, head, targets, loss_mask, z_loss: float = 0.0,
     forward pass computes the gradients too and keeps only d_hidden and d_head (no [B, S, V]
     residual).
 
-    ``workspace``: None, or a [B*S, V] array in hidden's dtype (:func:`logits_workspace`); it
-    is then returned as a third reporting output, holding the array the head-gradient products
-    read under differentiation (the logits' gradient up to a per-row scale, see
-    :func:`_exp_once_grads`; unchanged without). Donated to the jitted step and fed back each
-    step, it gives XLA a buffer for the logits that stays mapped across steps (see
-    :func:`uses_logits_workspace`).
+    ``workspace``: None, or a [B*S, V] array in hidden's dtype
+    (``workspace.logits_workspace``); it is then returned as a third reporting output, holding
+    the array the head-gradient products read under differentiation (the logits' gradient up
+    to a per-row scale, see :func:`_exp_once_grads`; unchanged without). Donated to the jitted
+    step and fed back each step, it gives XLA a buffer for the logits that stays mapped across
+    steps (see train/workspace.py).
     """
     _check_workspace(workspace, hidden, head, vocab_major)
     ce, zl, _, _ = _head_forward(hidden, head, targets, loss_mask, z_loss, vocab_major, False)
@@ -198,73 +199,6 @@ def _check_workspace(workspace, hidden, head, vocab_major):
                          "in the compute dtype, see logits_workspace)")
 
 
-def uses_logits_workspace(micro_batches: int = 1, backend: str | None = None,
-                          dtype: str = "float32") -> bool:
-    """Whether the train loop hands the step a logits workspace: on the CPU backend, with
-    float32 compute (``model.dtype``), without gradient accumulation.
-
-    XLA:CPU allocates a program's temporaries as one block per execution and frees it after;
-    glibc serves a block that large with a fresh ``mmap``, so the kernel faults in and zeroes
-    every page of the [B*S, V] logits again on each step. With the logits written into a
-    donated workspace that the step returns (and the loop feeds back), that memory stays
-    mapped (19M benchmark model: temporaries 245 -> 124 MB, step about 2.5% faster;
-    docs/PERFORMANCE.md). Accelerator allocators keep their memory pools, so there it would
-    only hold [B*S, V] of device memory for the whole run. With a 16-bit compute dtype the
-    workspace holds the 16-bit gradient while the float32 logits stay a temporary (the
-    gradient is not written over them), so it would save nothing.
-    """
-    return ((backend or jax.default_backend()) == "cpu" and micro_batches == 1
-            and str(dtype) == "float32")
-
-
-def logits_workspace(batch_size: int, seq_len: int, vocab_size: int, dtype, sharding=None):
-    """Zeros [batch_size * seq_len, vocab_size] in the compute ``dtype`` (with ``sharding``,
-    created sharded): the ``workspace`` argument of the train step."""
-    shape = (batch_size * seq_len, vocab_size)
-    if sharding is None:
-        return jnp.zeros(shape, dtype)
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-
-
-class JittedTrainStep:
-    """A train step under ``jax.jit`` with the state donated: ``step(state, batch) ->
-    (state, metrics)``.
-
-    With ``workspace`` (:func:`logits_workspace`) the step takes and returns it as well,
-    donated and jitted with ``keep_unused=True`` (the step writes the workspace without reading
-    it; jit would otherwise drop the argument, and the returned workspace would be a new
-    buffer every step); the workspace is kept here and fed back on every call. With
-    ``state_sharding``, ``batch_sharding`` and ``metrics_sharding``, those are the jit's in and
-    out shardings (the workspace keeps its own).
-    """
-
-    def __init__(self, step_fn: Callable, workspace=None, state_sharding=None,
-                 batch_sharding=None, metrics_sharding=None):
-        self.workspace = workspace
-        kw: dict = {}
-        if state_sharding is not None:
-            ins, outs = (state_sharding, batch_sharding), (state_sharding, metrics_sharding)
-            if workspace is not None:
-                ins, outs = ins + (workspace.sharding,), outs + (workspace.sharding,)
-            kw = {"in_shardings": ins, "out_shardings": outs}
-        if workspace is None:
-            self._jit = jax.jit(step_fn, donate_argnums=(0,), **kw)
-        else:
-            self._jit = jax.jit(step_fn, donate_argnums=(0, 2), keep_unused=True, **kw)
-
-    def _args(self, state, batch) -> tuple:
-        return (state, batch) if self.workspace is None else (state, batch, self.workspace)
-
-    def __call__(self, state, batch):
-        if self.workspace is None:
-            return self._jit(state, batch)
-        state, metrics, self.workspace = self._jit(state, batch, self.workspace)
-        return state, metrics
-
-    def lower(self, state, batch):
-        return self._jit.lower(*self._args(state, batch))
-
-
 def lm_head(params, dtype):
     """(head kernel in ``dtype``, vocab_major): ``lm_head/kernel`` [D,V], or the tied embedding [V,D]."""
     if "lm_head" in params:
@@ -293,23 +227,37 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
     :func:`gorilla_jax.train.optimizer.clip_by_global_norm`; other transforms ignore it).
     ``in_place_update``: :func:`gorilla_jax.train.optimizer.make_in_place_update` for the same
     optimizer; where it applies (one CPU device) it replaces ``update`` + ``apply_updates``.
-    ``train_step(state, batch, workspace) -> (state, metrics, workspace)`` with a logits
-    workspace (:func:`logits_workspace`; ``micro_batches`` = 1 only); :class:`JittedTrainStep`
-    jits either form and feeds the workspace back.
+    ``train_step(state, batch, workspace) -> (state, metrics, workspace)`` with a workspace
+    (``micro_batches`` = 1 only; train/workspace.py): a logits workspace
+    (``workspace.logits_workspace``), returned holding the logits' gradient; or a dict with it
+    under ``"logits"``, returned as ``{"logits", "residuals", "embed_grad"}``: the same, the
+    arrays the backward pass read (``workspace.residual_arrays``) and the embedding table's
+    gradient. ``workspace.JittedTrainStep`` jits every form and feeds the workspace back.
     """
     optimizer = optax.with_extra_args_support(optimizer)
 
     def sums_and_grads(params, batch, workspace=None):
+        keep = isinstance(workspace, dict)
+        logits_ws = workspace["logits"] if keep else workspace
+
         def objective(p):
-            obj, ce, n, ws = _forward_sums(apply_fn, p, batch, z_loss, workspace)
+            obj, ce, n, ws = _forward_sums(apply_fn, p, batch, z_loss, logits_ws)
             return obj, (ce, n, ws)
 
-        (_, (ce, n, ws)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        return ce, n, grads, ws
+        if not keep:
+            (_, (ce, n, ws)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return ce, n, grads, ws
+        # jax.vjp + a unit cotangent is what value_and_grad does; here the residuals the
+        # backward reads are at hand, to be returned into the workspace
+        obj, vjp_fn, (ce, n, ws) = jax.vjp(objective, params, has_aux=True)
+        residuals = residual_arrays(vjp_fn, (params, batch, workspace, ws))
+        (grads,) = vjp_fn(jnp.ones_like(obj))
+        return ce, n, grads, {"logits": ws, "residuals": residuals,
+                              "embed_grad": grads["embed_tokens"]["embedding"]}
 
     def train_step(state: TrainState, batch, workspace=None):
         if workspace is not None and micro_batches != 1:
-            raise ValueError("a logits workspace needs train.micro_batches = 1, "
+            raise ValueError("a step workspace needs train.micro_batches = 1, "
                              f"not {micro_batches}")
         if micro_batches == 1:
             ce, n, grads, workspace = sums_and_grads(state.params, batch, workspace)
