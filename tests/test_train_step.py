@@ -181,6 +181,21 @@ def test_embedding_gradient_is_not_filled_during_the_forward(monkeypatch):
     assert temp < temp_autodiff - 0.5 * embedding_bytes, (temp, temp_autodiff)
 
 
+def _adamw_case(cfg, B, S, seed, param_seed):
+    """(batch, model, train step function with the project's AdamW, fresh-state factory)."""
+    batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(seed), B, S))
+    model = LlamaForCausalLM(cfg)
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10,
+                         init_params(cfg, jax.random.PRNGKey(param_seed)))
+
+    def state():
+        params = init_params(cfg, jax.random.PRNGKey(param_seed))
+        return TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
+                          rng=jax.random.PRNGKey(0))
+
+    return batch, model, make_train_step(model.apply, opt), state
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of_temporaries(tied):
     # With a donated workspace the step writes the [B*S, V] logits (and their gradient, in
@@ -189,17 +204,7 @@ def test_logits_workspace_step_equals_the_plain_step_and_keeps_the_logits_out_of
 
     cfg = dataclasses.replace(TINY, vocab_size=4096, tie_word_embeddings=tied)
     B, S = 8, 64  # the [512, 4096] logits (8 MiB) dwarf the rest of the step's temporaries
-    batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(7), B, S))
-    model = LlamaForCausalLM(cfg)
-    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10,
-                         init_params(cfg, jax.random.PRNGKey(1)))
-
-    def state():
-        params = init_params(cfg, jax.random.PRNGKey(1))
-        return TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
-                          rng=jax.random.PRNGKey(0))
-
-    fn = make_train_step(model.apply, opt)
+    batch, model, fn, state = _adamw_case(cfg, B, S, seed=7, param_seed=1)
     plain = JittedTrainStep(fn)
     with_ws = JittedTrainStep(fn, logits_workspace(B, S, cfg.vocab_size, jnp.float32),
                               keep_residuals=False)
@@ -239,17 +244,7 @@ def test_step_workspace_takes_the_residuals_and_the_embedding_gradient_out_of_te
     cfg = dataclasses.replace(TINY, vocab_size=4096, hidden_size=128, intermediate_size=256,
                               tie_word_embeddings=tied)
     B, S = 8, 64  # [512, 128] activations: 256 KiB each, as large as a kept residual must be
-    batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(5), B, S))
-    model = LlamaForCausalLM(cfg)
-    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10,
-                         init_params(cfg, jax.random.PRNGKey(2)))
-
-    def state():
-        params = init_params(cfg, jax.random.PRNGKey(2))
-        return TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params),
-                          rng=jax.random.PRNGKey(0))
-
-    fn = make_train_step(model.apply, opt)
+    batch, model, fn, state = _adamw_case(cfg, B, S, seed=5, param_seed=2)
     ws = logits_workspace(B, S, cfg.vocab_size, jnp.float32)
     assert keeps_residuals(ws)
     steps = [JittedTrainStep(fn), JittedTrainStep(fn, ws, keep_residuals=False),
