@@ -8,7 +8,7 @@ zeroes each of its pages again (19M benchmark model, 103 MiB of temporaries: ~42
 and ~15 ms of system time per step with huge pages, ~28,000 and ~65 ms without). In a virtual
 machine whose balloon device reports free pages to the host, memory that stayed free for a
 couple of seconds goes back to the host, and the first step after a pause pays a host fault on
-every page as well (100-250 ms of system time; in `bench compare` that is every round).
+every page as well (100-250 ms of system time; in ``bench compare`` that is every round).
 
 What stays mapped is what the step returns into donated buffers: the jitted step takes a
 *workspace* and returns it, and XLA computes the returned values in the workspace's buffers.
