@@ -252,6 +252,9 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
         obj, vjp_fn, (ce, n, ws) = jax.vjp(objective, params, has_aux=True)
         residuals = residual_arrays(vjp_fn, (params, batch, workspace, ws))
         (grads,) = vjp_fn(jnp.ones_like(obj))
+        # Of the gradients only the embedding table's is large and computed here: the head's
+        # is one of the residuals (the fused head computes it in the forward; returned twice,
+        # XLA would copy it), and the layers' are small.
         return ce, n, grads, {"logits": ws, "residuals": residuals,
                               "embed_grad": grads["embed_tokens"]["embedding"]}
 
